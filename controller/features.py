@@ -1,0 +1,132 @@
+"""The one feature function: recent step history + the coming step -> observation vector.
+
+ARCHITECTURE.md contract 2.  The gymnasium env (training) and the live controller
+(serving) both call :func:`observe` on a :class:`FeatureState` they feed with
+:meth:`FeatureState.update` after every finished step, so training and serving cannot
+drift apart.  Plain Python floats and one preallocated numpy array: ~2 us a call.
+
+Every feature lies in ``[0, 1]``:
+
+==================  ===========================================================
+``batch``           decoding requests / ``max_num_seqs``
+``log_batch``       ``log1p(batch) / log1p(max_num_seqs)`` (resolution at small batch)
+``waiting``         ``log1p(waiting) / log1p(8 * max_num_seqs)``, clipped
+``kv_usage``        fraction of KV cache in use
+``prefill``         pending prompt tokens / (4 * token budget), clipped
+``alpha``           EMA of per-position acceptance, ``sum(accepted_per_pos) / sum(trials)``
+                    (trials: drafts at position 0, accepted at i-1 after) -- the
+                    drafter's current agreement with the target, independent of k
+``accept0``         EMA of ``accepted_per_pos[0] / drafts``
+``staleness``       ``1 - exp(-steps since the last speculative step / 64)``: how old
+                    the acceptance estimate is while speculation is off
+``step_ms``         ``log1p(EMA step_ms) / log1p(1000)``
+``tok_per_ms``      ``log1p(EMA committed tokens per ms) / log1p(1000)``
+``last_k``          previous step's ``k / max_k``
+``last_width``      previous step's ``width / max_width``
+==================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+FEATURE_NAMES = ("batch", "log_batch", "waiting", "kv_usage", "prefill", "alpha", "accept0", "staleness",
+                 "step_ms", "tok_per_ms", "last_k", "last_width")
+N_FEATURES = len(FEATURE_NAMES)
+BATCH_FEATURES = (0, 1)  # the entries a batch-size table sweeps
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Normalisation constants; recorded in the policy artifact so serving normalises alike."""
+
+    max_num_seqs: int = 256
+    max_k: int = 4
+    max_width: int = 1
+    token_budget: int = 4096
+    ema: float = 0.1            # weight of the newest step in the EMAs
+    accept_prior: float = 0.6   # acceptance assumed before any speculative step was seen
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FeatureState:
+    """Exponential averages of the finished steps; one per engine (the sidecar keys them by engine id)."""
+
+    __slots__ = ("spec", "alpha", "accept0", "since_spec", "step_ms", "tok_per_ms", "last_k", "last_width",
+                 "_log_seqs", "_log_wait", "_log_ms", "_buf")
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+        self._log_seqs = math.log1p(spec.max_num_seqs)
+        self._log_wait = math.log1p(8 * spec.max_num_seqs)
+        self._log_ms = math.log1p(1000.0)
+        self._buf = np.zeros(N_FEATURES, dtype=np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.alpha = self.spec.accept_prior
+        self.accept0 = self.spec.accept_prior
+        self.since_spec = 1_000_000
+        self.step_ms = 0.0
+        self.tok_per_ms = 0.0
+        self.last_k = 0
+        self.last_width = 1
+
+    def update(self, batch_size: int, k: int, width: int, drafts: int, accepted_per_pos, step_ms: float,
+               committed_tokens: int | None = None) -> None:
+        """Fold in one finished step (its ``spec-trace/1`` fields).  ``committed_tokens``
+        defaults to ``batch_size + accepted`` as the trace format defines it."""
+        a = self.spec.ema
+        accepted = sum(accepted_per_pos) if k else 0
+        if k and drafts:
+            trials = drafts + accepted - (accepted_per_pos[-1] if accepted_per_pos else 0)
+            if trials > 0:
+                self.alpha += a * (accepted / trials - self.alpha)
+            self.accept0 += a * (accepted_per_pos[0] / drafts - self.accept0)
+            self.since_spec = 0
+        else:
+            self.since_spec += 1
+        if step_ms > 0:
+            self.step_ms = step_ms if self.step_ms == 0.0 else self.step_ms + a * (step_ms - self.step_ms)
+            c = batch_size + accepted if committed_tokens is None else committed_tokens
+            self.tok_per_ms += a * (c / step_ms - self.tok_per_ms)
+        self.last_k = k
+        self.last_width = width if k else 1
+
+
+def observe(state: FeatureState, batch_size: int, waiting: int, kv_usage: float, prefill_pending: int,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """The observation for the coming step (see the module docstring for each entry).
+
+    Writes into ``out`` when given (the env's buffer), else returns a fresh array.
+    """
+    s = state.spec
+    o = np.empty(N_FEATURES, dtype=np.float32) if out is None else out
+    o[0] = min(1.0, batch_size / s.max_num_seqs)
+    o[1] = min(1.0, math.log1p(batch_size) / state._log_seqs)
+    o[2] = min(1.0, math.log1p(waiting) / state._log_wait)
+    o[3] = min(1.0, max(0.0, kv_usage))
+    o[4] = min(1.0, prefill_pending / (4.0 * s.token_budget))
+    o[5] = state.alpha
+    o[6] = state.accept0
+    o[7] = 1.0 - math.exp(-state.since_spec / 64.0)
+    o[8] = min(1.0, math.log1p(state.step_ms) / state._log_ms)
+    o[9] = min(1.0, math.log1p(state.tok_per_ms) / state._log_ms)
+    o[10] = state.last_k / s.max_k
+    o[11] = state.last_width / s.max_width
+    return o
+
+
+def batch_sweep(obs: np.ndarray, batch_sizes, spec: FeatureSpec) -> np.ndarray:
+    """Copies of ``obs`` with the batch entries set to each of ``batch_sizes``: the rows a
+    policy is evaluated on to build the per-batch-size decision table (contract 4)."""
+    b = np.asarray(batch_sizes, dtype=np.float64)
+    rows = np.repeat(np.asarray(obs, dtype=np.float32)[None, :], len(b), axis=0)
+    rows[:, 0] = np.minimum(1.0, b / spec.max_num_seqs)
+    rows[:, 1] = np.minimum(1.0, np.log1p(b) / math.log1p(spec.max_num_seqs))
+    return rows

@@ -1,0 +1,465 @@
+"""A trace-driven simulator of a continuous-batching engine with speculative decoding.
+
+What it models (vLLM V1's scheduler, simplified where noted):
+
+* Requests arrive at their recorded ``arrival_s`` and wait in a FIFO queue.
+* Each step, every running request that finished its prefill decodes: it is verified
+  with ``k`` draft tokens (``width`` candidates per depth) and commits
+  ``1 + accepted`` tokens, ``accepted`` drawn from the acceptance profile.  The token
+  budget ``max_num_batched_tokens`` is charged ``1 + k * width`` per decoding request.
+* The rest of the budget goes to chunked prefill: first requests part-way through their
+  prompt, then new requests from the queue while a sequence slot (``max_num_seqs``) and
+  KV room are free.  The step that finishes a prompt also samples its first token.
+* KV: a request reserves ``prompt + output`` tokens when admitted (no preemption -- a
+  simplification); ``kv_usage`` is the fraction of capacity holding context.
+* The step's duration comes from the cost profile for ``(batch, k, width, prefill
+  tokens, kv_usage)``, times log-normal noise of the profile's ``noise_sigma``.
+
+Acceptance uses common random numbers: one uniform per sequence slot is drawn when a
+step is prepared, and a sequence's acceptance length is ``L = F^-1(u)`` for the CDF of
+the chosen width, truncated at ``k``.  So the outcome of every action is fixed before
+the action is chosen, which is what the hindsight oracle needs (:meth:`Simulator.peek`).
+
+Example::
+
+    >>> from envs.profiles import PROFILES
+    >>> pre = PROFILES["h100-llama3-8b-eagle"]
+    >>> reqs = RequestArrays.from_lists([0.0, 0.01], [100, 50], [20, 30])
+    >>> sim = Simulator(reqs, pre.cost, pre.acceptance, EngineConfig(max_k=pre.max_k), seed=0)
+    >>> while sim.prepare() is not None:
+    ...     _ = sim.execute(2, 1)
+    >>> sim.stats().completed
+    2
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.profiles import AcceptanceProfile, CostModel
+
+__all__ = ["EngineConfig", "RequestArrays", "Simulator", "SimStats", "StepOutcome", "StepState"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine settings the simulator needs; the trace header supplies them where it has them."""
+
+    max_k: int = 4
+    widths: tuple[int, ...] = (1,)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    kv_capacity_tokens: int = 300_000
+
+    def __post_init__(self):
+        for name in ("max_k", "max_num_seqs", "max_num_batched_tokens", "kv_capacity_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        object.__setattr__(self, "widths", tuple(sorted(set(int(w) for w in self.widths))))
+
+    @classmethod
+    def from_header(cls, header: dict, **overrides) -> EngineConfig:
+        """Settings from a trace header (``max_k``, ``widths``, ``max_num_seqs`` and the optional
+        ``max_num_batched_tokens`` / ``kv_capacity_tokens`` extension fields), then ``overrides``."""
+        kw = {"max_k": header["max_k"], "widths": tuple(header["widths"])}
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_capacity_tokens"):
+            if name in header:
+                kw[name] = int(header[name])
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+@dataclass
+class RequestArrays:
+    """The load to replay: arrival times and sizes, sorted by arrival."""
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+
+    def __post_init__(self):
+        self.arrival_s = np.asarray(self.arrival_s, dtype=np.float64)
+        self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int64)
+        self.output_tokens = np.asarray(self.output_tokens, dtype=np.int64)
+        if not (len(self.arrival_s) == len(self.prompt_tokens) == len(self.output_tokens)):
+            raise ValueError("arrival_s, prompt_tokens and output_tokens must have the same length")
+        if len(self.arrival_s) and np.any(np.diff(self.arrival_s) < 0):
+            order = np.argsort(self.arrival_s, kind="stable")
+            self.arrival_s, self.prompt_tokens, self.output_tokens = (
+                self.arrival_s[order], self.prompt_tokens[order], self.output_tokens[order])
+
+    @classmethod
+    def from_lists(cls, arrival_s, prompt_tokens, output_tokens) -> RequestArrays:
+        return cls(np.asarray(arrival_s), np.asarray(prompt_tokens), np.asarray(output_tokens))
+
+    @classmethod
+    def from_trace(cls, trace) -> RequestArrays:
+        r = trace.requests
+        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"])
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    def window(self, start_s: float, duration_s: float, load_scale: float = 1.0) -> RequestArrays:
+        """Requests arriving in ``[start_s, start_s + duration_s)`` of the *scaled* timeline,
+        with arrival times divided by ``load_scale`` (x2 = twice the arrival rate) and
+        shifted to start at 0."""
+        if load_scale <= 0:
+            raise ValueError(f"load_scale must be > 0, got {load_scale}")
+        t = self.arrival_s / load_scale
+        m = (t >= start_s) & (t < start_s + duration_s)
+        return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m])
+
+    @property
+    def span_s(self) -> float:
+        return float(self.arrival_s[-1]) if len(self.arrival_s) else 0.0
+
+
+@dataclass
+class StepState:
+    """What the scheduler knows before choosing an action (the decision's input)."""
+
+    t_s: float
+    batch_size: int       # requests decoding this step
+    waiting: int          # queued, not yet admitted
+    kv_usage: float
+    prefill_pending: int  # prompt tokens still to prefill (running + waiting)
+    running: int          # admitted requests (decoding or prefilling)
+
+
+@dataclass
+class StepOutcome:
+    """What one step did: the ``spec-trace/1`` step fields plus what a reward needs."""
+
+    t_s: float
+    batch_size: int
+    prefill_tokens: int
+    waiting: int
+    kv_usage: float
+    k: int
+    width: int
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    accepted_per_pos: list
+    step_ms: float
+    committed_tokens: int     # tokens added to outputs (decode + first tokens), capped at output length
+    in_system: int            # requests running or waiting during the step (Little's-law weight)
+    finished: int             # requests completed at the end of this step
+
+    def record(self) -> dict:
+        """The ``step`` record for a trace writer."""
+        return {"t_s": self.t_s, "batch_size": self.batch_size, "prefill_tokens": self.prefill_tokens,
+                "waiting": self.waiting, "kv_usage": self.kv_usage, "k": self.k, "width": self.width,
+                "drafts": self.drafts, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                "accepted_per_pos": self.accepted_per_pos, "step_ms": self.step_ms}
+
+
+@dataclass
+class SimStats:
+    """Totals of a run, for evaluation and for checking a simulator against a trace."""
+
+    steps: int
+    completed: int
+    total_requests: int
+    sim_time_s: float
+    busy_time_s: float
+    committed_tokens: int
+    drafted_tokens: int
+    accepted_tokens: int
+    latencies_s: np.ndarray = field(repr=False)
+    ttft_s: np.ndarray = field(repr=False)
+    step_ms: np.ndarray = field(repr=False)
+
+    @property
+    def goodput_tps(self) -> float:
+        """Committed tokens per busy second (the engine's throughput while it has work)."""
+        return self.committed_tokens / self.busy_time_s if self.busy_time_s > 0 else 0.0
+
+    @property
+    def mean_latency_s(self) -> float:
+        return float(np.mean(self.latencies_s)) if len(self.latencies_s) else math.nan
+
+    @property
+    def p99_latency_s(self) -> float:
+        return float(np.percentile(self.latencies_s, 99)) if len(self.latencies_s) else math.nan
+
+    @property
+    def accept_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else math.nan
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "completed": self.completed, "requests": self.total_requests,
+                "sim_time_s": round(self.sim_time_s, 3), "goodput_tps": round(self.goodput_tps, 2),
+                "mean_latency_s": round(self.mean_latency_s, 4), "p99_latency_s": round(self.p99_latency_s, 4),
+                "mean_step_ms": round(self.busy_time_s * 1000.0 / self.steps, 4) if self.steps else None,
+                "accept_rate": round(self.accept_rate, 4) if self.drafted_tokens else None}
+
+
+class Simulator:
+    """Replays request arrivals through a continuous-batching engine (module docstring).
+
+    Drive it with ``state = sim.prepare()`` (``None`` once every request finished) and
+    ``outcome = sim.execute(k, width)``.  ``time_offset_s`` shifts the acceptance
+    profile's drift timeline, so a window cut from the middle of a trace sees that
+    part of the drift.  All randomness comes from ``seed``.
+    """
+
+    def __init__(self, requests: RequestArrays, cost: CostModel, acceptance: AcceptanceProfile,
+                 config: EngineConfig, *, seed: int | None = None, time_offset_s: float = 0.0,
+                 noise: bool = True, record_steps: bool = True):
+        if acceptance.depth < config.max_k:
+            raise ValueError(f"acceptance profile has {acceptance.depth} positions but the engine's max_k is "
+                             f"{config.max_k}: fit or build the profile for max_k >= {config.max_k}")
+        self.requests = requests
+        self.cost = cost
+        self.acceptance = acceptance
+        self.config = config
+        self.time_offset_s = float(time_offset_s)
+        self.noise = noise
+        self.record_steps = record_steps
+        self.reset(seed)
+
+    # ------------------------------------------------------------------ state
+    def reset(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+        S = self.config.max_num_seqs
+        n = len(self.requests)
+        self.t = float(self.requests.arrival_s[0]) if n else 0.0
+        self._next = 0                        # next request to arrive
+        self._queue: deque[int] = deque()
+        self._slot_req = np.full(S, -1, dtype=np.int64)
+        self._out_left = np.zeros(S, dtype=np.int64)
+        self._ctx = np.zeros(S, dtype=np.int64)
+        self._decoding = np.zeros(S, dtype=bool)
+        self._free: list[int] = list(range(S - 1, -1, -1))
+        self._prefilling: list[int] = []      # slots part-way through their prompt (FIFO)
+        self._prefill_left: dict[int, int] = {}
+        self._n_decoding = 0
+        self._ctx_total = 0
+        self._reserved = 0
+        self._pending_prefill = 0             # prompt tokens of running prefills (waiting ones added on read)
+        self._waiting_prefill = 0
+        self.finish_s = np.full(n, np.nan)
+        self.first_token_s = np.full(n, np.nan)
+        self._u = np.zeros(S)
+        self._prepared = False
+        self._steps = 0
+        self._busy = 0.0
+        self._committed = 0
+        self._drafted = 0
+        self._accepted = 0
+        self._completed = 0
+        self._step_ms: list[float] = []
+        self._noise_buf = np.empty(0)
+        self._noise_i = 0
+
+    def _admit_arrivals(self) -> None:
+        arr = self.requests.arrival_s
+        n = len(arr)
+        while self._next < n and arr[self._next] <= self.t:
+            self._queue.append(self._next)
+            self._waiting_prefill += int(self.requests.prompt_tokens[self._next])
+            self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._completed >= len(self.requests)
+
+    def prepare(self) -> StepState | None:
+        """Admit arrivals up to now (jumping idle time) and describe the coming step."""
+        self._admit_arrivals()
+        if not self._queue and not self._prefilling and self._n_decoding == 0:
+            if self._next >= len(self.requests):
+                return None
+            self.t = max(self.t, float(self.requests.arrival_s[self._next]))
+            self._admit_arrivals()
+        # one uniform per slot: the realised acceptance of every action is fixed now
+        self._u = self.rng.random(self.config.max_num_seqs)
+        self._prepared = True
+        S = self.config.max_num_seqs
+        return StepState(self.t, self._n_decoding, len(self._queue), min(1.0, self._ctx_total / self.config.kv_capacity_tokens),
+                         self._pending_prefill + self._waiting_prefill, S - len(self._free))
+
+    def peek(self, k: int, width: int = 1) -> tuple[int, float]:
+        """``(accepted_tokens, step_ms without noise)`` the prepared step would have with ``(k, width)``,
+        ignoring output caps -- for the hindsight oracle.  Does not change the simulator."""
+        B = self._n_decoding
+        acc = 0
+        if k > 0 and B:
+            lengths = np.searchsorted(self.acceptance.length_cdf(self.t + self.time_offset_s, width),
+                                      self._u[self._decoding], side="right")
+            acc = int(np.minimum(lengths, k).sum())
+        prefill = self._prefill_budget(B, k, width)
+        kv = min(1.0, self._ctx_total / self.config.kv_capacity_tokens)
+        return acc, self.cost.predict_one(B, k, width, prefill, kv)
+
+    def _prefill_budget(self, B: int, k: int, width: int) -> int:
+        budget = max(0, self.config.max_num_batched_tokens - B * (1 + k * width))
+        return min(budget, self._pending_prefill + self._waiting_prefill)
+
+    def _noise(self) -> float:
+        sigma = getattr(self.cost, "noise_sigma", 0.0)
+        if not self.noise or sigma <= 0:
+            return 1.0
+        if self._noise_i >= len(self._noise_buf):
+            self._noise_buf = self.rng.lognormal(-0.5 * sigma * sigma, sigma, 4096)
+            self._noise_i = 0
+        v = self._noise_buf[self._noise_i]
+        self._noise_i += 1
+        return float(v)
+
+    def execute(self, k: int, width: int = 1) -> StepOutcome:
+        """Run the prepared step with speculative length ``k`` and tree ``width``."""
+        if not self._prepared:
+            raise RuntimeError("call prepare() before execute(); prepare() returned None once the run is over")
+        cfg = self.config
+        if not 0 <= k <= cfg.max_k:
+            raise ValueError(f"k={k} is outside [0, max_k={cfg.max_k}]")
+        if k == 0:
+            width = 1
+        elif width not in cfg.widths:
+            raise ValueError(f"width={width} is not supported by the engine (widths {list(cfg.widths)})")
+        self._prepared = False
+        t0 = self.t
+        B = self._n_decoding
+        waiting = len(self._queue)
+        kv_usage = min(1.0, self._ctx_total / cfg.kv_capacity_tokens)
+        in_system = cfg.max_num_seqs - len(self._free) + waiting
+
+        # ---- decode: acceptance from the prepared uniforms
+        accepted = 0
+        app: list[int] = []
+        committed = 0
+        finished_slots = None
+        if B:
+            dec = self._decoding
+            if k > 0:
+                lengths = np.searchsorted(self.acceptance.length_cdf(t0 + self.time_offset_s, width),
+                                          self._u[dec], side="right")
+                acc = np.minimum(lengths, k)
+                counts = np.bincount(acc, minlength=k + 1)
+                app = counts[::-1].cumsum()[::-1][1:].tolist()  # drafts whose position i was accepted
+                accepted = int(acc.sum())
+                tokens = acc + 1
+            else:
+                tokens = 1
+            left = self._out_left[dec]
+            gained = np.minimum(tokens, left)
+            committed = int(gained.sum()) if k > 0 else int(B)  # left >= 1 for every decoding slot
+            self._out_left[dec] = left - gained
+            self._ctx[dec] += gained
+            self._ctx_total += committed
+            finished_slots = np.flatnonzero(dec & (self._out_left <= 0))
+
+        # ---- chunked prefill with what is left of the token budget
+        budget = max(0, cfg.max_num_batched_tokens - B * (1 + k * width))
+        prefill = 0
+        newly_decoding: list[int] = []
+        first_token_slots: list[int] = []
+        while budget > 0:
+            if not self._prefilling:
+                if not self._queue or not self._free:
+                    break
+                r = self._queue[0]
+                need = int(self.requests.prompt_tokens[r] + self.requests.output_tokens[r])
+                if self._reserved + need > cfg.kv_capacity_tokens and self._reserved > 0:
+                    break  # no KV room: wait for a request to finish
+                self._queue.popleft()
+                slot = self._free.pop()
+                self._slot_req[slot] = r
+                pt = int(self.requests.prompt_tokens[r])
+                self._prefill_left[slot] = pt
+                self._out_left[slot] = int(self.requests.output_tokens[r])
+                self._ctx[slot] = 0
+                self._reserved += need
+                self._waiting_prefill -= pt
+                self._pending_prefill += pt
+                self._prefilling.append(slot)
+            slot = self._prefilling[0]
+            chunk = min(budget, self._prefill_left[slot])
+            self._prefill_left[slot] -= chunk
+            self._pending_prefill -= chunk
+            self._ctx[slot] += chunk
+            self._ctx_total += chunk
+            budget -= chunk
+            prefill += chunk
+            if self._prefill_left[slot] == 0:
+                self._prefilling.pop(0)
+                del self._prefill_left[slot]
+                first_token_slots.append(slot)
+
+        step_ms = self.cost.predict_one(B, k, width, prefill, kv_usage) * self._noise()
+        t1 = t0 + step_ms / 1000.0
+
+        # ---- first tokens of prompts finished this step
+        for slot in first_token_slots:
+            r = int(self._slot_req[slot])
+            self.first_token_s[r] = t1
+            self._out_left[slot] -= 1
+            self._ctx[slot] += 1
+            self._ctx_total += 1
+            committed += 1
+            if self._out_left[slot] <= 0:
+                self._finish(slot, t1)
+            else:
+                newly_decoding.append(slot)
+        n_finished = len(first_token_slots) - len(newly_decoding)
+        if finished_slots is not None and len(finished_slots):
+            for slot in finished_slots.tolist():
+                self._finish(slot, t1)
+            n_finished += len(finished_slots)
+        for slot in newly_decoding:
+            self._decoding[slot] = True
+            self._n_decoding += 1
+
+        self.t = t1
+        self._steps += 1
+        self._busy += step_ms / 1000.0
+        self._committed += committed
+        drafts = B if k > 0 else 0
+        draft_tokens = drafts * k * width
+        self._drafted += draft_tokens
+        self._accepted += accepted
+        if self.record_steps:
+            self._step_ms.append(step_ms)
+        return StepOutcome(t0, B, prefill, waiting, kv_usage, k, width, drafts, draft_tokens, accepted, app,
+                           step_ms, committed, in_system, n_finished)
+
+    def _finish(self, slot: int, t: float) -> None:
+        r = int(self._slot_req[slot])
+        self.finish_s[r] = t
+        if self._decoding[slot]:
+            self._decoding[slot] = False
+            self._n_decoding -= 1
+        self._ctx_total -= int(self._ctx[slot])
+        self._reserved -= int(self.requests.prompt_tokens[r] + self.requests.output_tokens[r])
+        self._ctx[slot] = 0
+        self._slot_req[slot] = -1
+        self._free.append(slot)
+        self._completed += 1
+
+    # ------------------------------------------------------------------ results
+    def stats(self) -> SimStats:
+        done = np.isfinite(self.finish_s)
+        lat = self.finish_s[done] - self.requests.arrival_s[done]
+        ttft_m = np.isfinite(self.first_token_s)
+        ttft = self.first_token_s[ttft_m] - self.requests.arrival_s[ttft_m]
+        return SimStats(self._steps, int(done.sum()), len(self.requests), self.t, self._busy, self._committed,
+                        self._drafted, self._accepted, lat, ttft, np.asarray(self._step_ms))
+
+    def run(self, policy, max_steps: int | None = None) -> SimStats:
+        """Run to the end with ``policy(state) -> (k, width)``; returns :meth:`stats`."""
+        n = 0
+        while (state := self.prepare()) is not None:
+            k, w = policy(state)
+            self.execute(k, w)
+            n += 1
+            if max_steps is not None and n >= max_steps:
+                break
+        return self.stats()
