@@ -155,6 +155,9 @@ class RooflineCost(CostModel):
         return {"kind": "roofline", **asdict(self)}
 
 
+# A prediction this far past the largest fitted value warns (once per quantity).
+EXTRAPOLATION_TOLERANCE = 1.1
+
 # Terms of the fitted model; see FittedCost.
 _COST_TERMS = ("const", "tokens", "hinge", "draft_on", "draft_passes", "draft_tokens", "prefill",
                "kv", "kv_x_tokens")
@@ -214,11 +217,11 @@ class FittedCost(CostModel):
             ("prefill_tokens", np.max(prefill) if len(prefill) else 0, r.get("prefill_max")),
         )
         for name, value, hi in checks:
-            if hi is not None and value > hi and name not in self._warned:
+            if hi is not None and value > hi * EXTRAPOLATION_TOLERANCE and name not in self._warned:
                 self._warned.add(name)
                 warnings.warn(
-                    f"cost profile asked for {name}={value} beyond the fitted range [0, {hi}]; the prediction "
-                    f"extrapolates the linear model. Record traces that cover it for an exact fit.",
+                    f"cost profile asked for {name}={value}, more than 10% beyond the fitted range [0, {hi}]; the "
+                    f"prediction extrapolates the linear model. Record traces that cover it for an exact fit.",
                     stacklevel=3)
         seen_w = r.get("widths")
         if seen_w is not None and "width" not in self._warned:
@@ -253,7 +256,8 @@ class FittedCost(CostModel):
             bucket = 0 if batch <= 0 else int(batch).bit_length()
             v *= self._cell_lut.get((k, width if k else 1, bucket), 1.0)
         r = self.ranges
-        if r and (batch > r["batch_max"] or k > r["k_max"] or prefill > r["prefill_max"]):
+        if r and (batch > r["batch_max"] * EXTRAPOLATION_TOLERANCE or k > r["k_max"]
+                  or prefill > r["prefill_max"] * EXTRAPOLATION_TOLERANCE):
             self._check_range(np.array([batch]), np.array([k]), np.array([width]), np.array([prefill]))
         return v if v > 1e-3 else 1e-3
 
@@ -424,65 +428,81 @@ def _position_counts(trace: Trace):
     return trials, np.where(valid, app, 0.0)
 
 
+def _newton_offset(trials, succ, base_logit, e, d0: float = 0.0, prior: float = 0.0) -> float:
+    """MLE of a scalar logit offset ``d`` for binomial counts with rate
+    ``1 - (1 - sigmoid(base_logit + d)) ** e``, with a Gaussian prior of precision ``prior / 4``."""
+    d = d0
+    for _ in range(25):
+        q = _sigmoid(base_logit + d)
+        r = np.clip(1.0 - (1.0 - q) ** e, 1e-9, 1 - 1e-9)
+        dr = e * (1.0 - q) ** (e - 1.0) * q * (1.0 - q)  # dr/dd
+        grad = np.sum(succ * dr / r - (trials - succ) * dr / (1 - r)) - d * prior * 0.25
+        hess = -np.sum(trials * dr * dr / (r * (1 - r))) - prior * 0.25
+        if hess >= 0:
+            break
+        step = grad / hess
+        d -= float(np.clip(step, -2.0, 2.0))
+        if abs(step) < 1e-7:
+            break
+    return d
+
+
 def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float = 0.7,
-                   prior_strength: float = 200.0) -> AcceptanceProfile:
+                   prior_strength: float = 200.0, iterations: int = 4) -> AcceptanceProfile:
     """Fit an :class:`AcceptanceProfile` from ``accepted_per_pos`` (see the module docstring).
 
-    ``prior_strength`` is the number of draft trials at which a bin's drift estimate counts
-    half; bins with less speculation shrink toward no drift.  With several traces the
-    drift timeline is the one of the first trace (their time axes are unrelated); ``p`` pools all.
+    Alternates two maximum-likelihood steps: each time bin's drift offset ``delta[b]`` given
+    ``p`` (with a prior: ``prior_strength`` draft trials make a bin's estimate count half, so
+    bins with little speculation shrink toward no drift), then each position's ``p[i]`` given
+    the offsets.  ``delta`` is centred (weighted by drafts per bin), so ``p`` is the
+    acceptance at the trace's average drift level.  With several traces the drift timeline is the one of the first trace (their
+    time axes are unrelated); ``p`` pools all of them.
     """
     depth = max(t.max_k for t in traces)
-    succ_q = np.zeros(depth)
-    trials_q = np.zeros(depth)
-    for t in traces:
+    rows = []  # per trace: trials, successes, width exponent, bin index (or -1: no drift)
+    for j, t in enumerate(traces):
         trials, succ = _position_counts(t)
-        w = t.steps["width"].astype(np.float64)
-        for width in np.unique(w):
-            m = w == width
-            tr = trials[m].sum(axis=0)
-            sc = succ[m].sum(axis=0)
-            r = np.divide(sc, tr, out=np.zeros_like(sc), where=tr > 0)
-            q = 1.0 - (1.0 - np.clip(r, 0, 1 - 1e-9)) ** (1.0 / (width ** width_rho))  # back to one candidate
-            succ_q[: len(q)] += q * tr
-            trials_q[: len(q)] += tr
-    if trials_q[0] <= 0:
+        pad = depth - trials.shape[1]
+        if pad:
+            trials = np.pad(trials, ((0, 0), (0, pad)))
+            succ = np.pad(succ, ((0, 0), (0, pad)))
+        e = t.steps["width"].astype(np.float64) ** width_rho
+        if j == 0 and t.n_steps:
+            bins = (t.steps["t_s"] // bin_s).astype(np.int64)
+        else:
+            bins = np.full(t.n_steps, -1, dtype=np.int64)
+        rows.append((trials, succ, e, bins))
+    trials = np.concatenate([r[0] for r in rows])
+    succ = np.concatenate([r[1] for r in rows])
+    e = np.concatenate([r[2] for r in rows])
+    bins = np.concatenate([r[3] for r in rows])
+    tried = trials.sum(axis=0)
+    if tried[0] <= 0:
         raise ValueError("cannot fit acceptance: no step in the traces has k > 0 with drafts. Record or "
                          "synthesise a trace with speculation on (an exploration rate > 0).")
-    p = np.divide(succ_q, trials_q, out=np.zeros(depth), where=trials_q > 0)
-    # positions never tried: continue the last observed position's rate
-    last = int(np.max(np.nonzero(trials_q > 0)[0]))
-    p[last + 1:] = p[last]
-    p = np.clip(p, 1e-3, 1 - 1e-3)
-
-    # drift per time bin on the first trace
-    t0 = traces[0]
-    trials, succ = _position_counts(t0)
-    widths = t0.steps["width"].astype(np.float64)
-    n_bins = max(1, int(math.ceil((t0.steps["t_s"].max() + 1e-9) / bin_s))) if t0.n_steps else 1
-    bins = np.minimum((t0.steps["t_s"] // bin_s).astype(np.int64), n_bins - 1) if t0.n_steps else np.zeros(0, int)
-    lp = _logit(p)[: trials.shape[1]]
+    n_bins = int(bins.max()) + 1 if (bins >= 0).any() else 1
+    lp = np.zeros(depth)
     delta = np.zeros(n_bins)
-    for b in range(n_bins):
-        m = bins == b
-        tr, sc, ww = trials[m], succ[m], widths[m]
-        if tr.sum() <= 0:
-            continue
-        d = 0.0
-        for _ in range(20):  # Newton on the penalised log-likelihood
-            q = _sigmoid(lp[None, :] + d)
-            e = ww[:, None] ** width_rho
-            r = 1.0 - (1.0 - q) ** e
-            r = np.clip(r, 1e-9, 1 - 1e-9)
-            dr = e * (1.0 - q) ** (e - 1.0) * q * (1.0 - q)  # dr/dd
-            grad = np.sum(sc * dr / r - (tr - sc) * dr / (1 - r)) - d * prior_strength * 0.25
-            hess = -np.sum(tr * dr * dr / (r * (1 - r))) - prior_strength * 0.25
-            step = grad / hess
-            d -= step
-            if abs(step) < 1e-6:
-                break
-        delta[b] = d
-    report = {"n_draft_trials": float(trials_q[0]), "p": p.tolist(), "bins": n_bins,
+    bin_weight = np.bincount(bins[bins >= 0], weights=trials[bins >= 0, 0], minlength=n_bins)[:n_bins]
+    last = int(np.max(np.nonzero(tried > 0)[0]))
+    for _ in range(iterations):
+        d_step = np.where(bins >= 0, delta[np.maximum(bins, 0)], 0.0)
+        for i in range(last + 1):
+            m = trials[:, i] > 0
+            lp[i] = _newton_offset(trials[m, i], succ[m, i], d_step[m], e[m], d0=lp[i])
+        lp[last + 1:] = lp[last]  # positions never tried continue the last observed one
+        for b in range(n_bins):
+            m = (bins == b) & (trials[:, 0] > 0)
+            if m.any():
+                delta[b] = _newton_offset(trials[m, : last + 1], succ[m, : last + 1], lp[None, : last + 1],
+                                          e[m, None], d0=delta[b], prior=prior_strength)
+        # the level is shared between p and delta: centre delta (weighted by each bin's drafts)
+        if bin_weight.sum() > 0:
+            centre = float(np.sum(delta * bin_weight) / bin_weight.sum())
+            delta -= centre
+            lp += centre
+    p = np.clip(_sigmoid(lp), 1e-3, 1 - 1e-3)
+    report = {"n_draft_trials": float(tried[0]), "p": p.tolist(), "bins": n_bins,
               "delta_std": float(np.std(delta))}
     return AcceptanceProfile(p=p.tolist(), width_rho=width_rho, bin_s=bin_s, delta=delta.tolist(), report=report)
 

@@ -1,0 +1,53 @@
+"""The shared feature function and the action contract."""
+
+import numpy as np
+import pytest
+
+from controller.actions import ActionSet
+from controller.features import FEATURE_NAMES, FeatureSpec, FeatureState, batch_sweep, observe
+
+
+def test_observation_in_unit_box_and_named():
+    spec = FeatureSpec(max_num_seqs=64, max_k=4, max_width=2)
+    st = FeatureState(spec)
+    for b in (0, 1, 64, 500):
+        o = observe(st, b, waiting=10_000, kv_usage=1.3, prefill_pending=10**7)
+        assert o.shape == (len(FEATURE_NAMES),) and o.dtype == np.float32
+        assert np.all((o >= 0) & (o <= 1))
+
+
+def test_acceptance_ema_tracks_per_position_rate_and_staleness():
+    st = FeatureState(FeatureSpec(max_k=4, ema=0.5, accept_prior=0.5))
+    for _ in range(30):  # 10 drafts, 8 accepted at pos 0, 4 at pos 1: 12 / (10 + 8) = 2/3
+        st.update(10, 2, 1, 10, [8, 4], 12.0)
+    o = observe(st, 10, 0, 0.1, 0)
+    assert o[FEATURE_NAMES.index("alpha")] == pytest.approx(2 / 3, abs=1e-3)
+    assert o[FEATURE_NAMES.index("accept0")] == pytest.approx(0.8, abs=1e-3)
+    assert o[FEATURE_NAMES.index("staleness")] == 0
+    for _ in range(64):
+        st.update(10, 0, 1, 0, [], 10.0)
+    o = observe(st, 10, 0, 0.1, 0)
+    assert o[FEATURE_NAMES.index("staleness")] == pytest.approx(1 - np.exp(-1), abs=1e-6)
+    assert o[FEATURE_NAMES.index("alpha")] == pytest.approx(2 / 3, abs=1e-3)  # held while off
+    assert o[FEATURE_NAMES.index("last_k")] == 0
+
+
+def test_batch_sweep_changes_only_batch_entries():
+    spec = FeatureSpec(max_num_seqs=128)
+    st = FeatureState(spec)
+    base = observe(st, 5, 3, 0.4, 100)
+    rows = batch_sweep(base, [5, 64], spec)
+    np.testing.assert_array_equal(rows[0], base)
+    assert rows[1][0] == pytest.approx(0.5) and np.array_equal(rows[1][2:], base[2:])
+
+
+def test_action_set_mapping():
+    a = ActionSet(max_k=3, widths=[1, 2, 4])
+    assert a.n == 10 and a.actions[a.index(2, 4)] == (2, 4)
+    assert a.actions[a.map_to_supported(a.index(3, 4), [1, 2])] == (3, 2)
+    assert a.actions[a.map_to_supported(a.index(3, 2), [1], max_k=1)] == (1, 1)
+    assert a.map_to_supported(a.index(2, 1), [1], max_k=0) == 0
+    with pytest.raises(ValueError, match="not in this action set"):
+        a.index(4, 1)
+    with pytest.raises(ValueError, match="max_k"):
+        ActionSet(max_k=0)

@@ -1,0 +1,122 @@
+"""The continuous-batching simulator: conservation, determinism, limits and replay fidelity."""
+
+import numpy as np
+import pytest
+
+from envs.profiles import PROFILES, AcceptanceProfile, RooflineCost
+from envs.simulator import EngineConfig, RequestArrays, Simulator
+from envs.synth import replay_fidelity, trace_action_policy
+from envs.trace import load_trace
+
+PRE = PROFILES["h100-llama3-8b-eagle"]
+
+
+def _requests(n=200, rate=20.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return RequestArrays(np.cumsum(rng.exponential(1 / rate, n)), rng.integers(10, 2000, n), rng.integers(1, 300, n))
+
+
+def _sim(reqs, seed=0, **cfg):
+    return Simulator(reqs, PRE.cost, PRE.acceptance, EngineConfig(max_k=PRE.max_k, **cfg), seed=seed)
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_every_token_is_produced_once_and_limits_hold(k):
+    reqs = _requests()
+    sim = _sim(reqs, max_num_seqs=16, max_num_batched_tokens=512)
+    committed = 0
+    while (s := sim.prepare()) is not None:
+        assert s.batch_size <= 16 and s.running <= 16 and 0 <= s.kv_usage <= 1
+        out = sim.execute(k, 1)
+        assert out.prefill_tokens + out.batch_size * (1 + k) <= max(512, out.batch_size * (1 + k))
+        assert out.accepted_tokens <= out.batch_size * k
+        assert out.accepted_per_pos == sorted(out.accepted_per_pos, reverse=True)
+        committed += out.committed_tokens
+    st = sim.stats()
+    assert st.completed == len(reqs)
+    assert committed == reqs.output_tokens.sum() == st.committed_tokens
+    assert np.all(sim.finish_s >= reqs.arrival_s)
+    assert np.all(sim.first_token_s <= sim.finish_s)
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    reqs = _requests()
+    a = _sim(reqs, seed=3).run(lambda s: (3, 1))
+    b = _sim(reqs, seed=3).run(lambda s: (3, 1))
+    c = _sim(reqs, seed=4).run(lambda s: (3, 1))
+    np.testing.assert_array_equal(a.step_ms, b.step_ms)
+    assert a.accepted_tokens == b.accepted_tokens and a.accepted_tokens != c.accepted_tokens
+
+
+def test_speculation_raises_throughput_at_light_load_and_acceptance_matches_profile():
+    reqs = _requests(rate=5.0)
+    off = _sim(reqs).run(lambda s: (0, 1))
+    on = _sim(reqs).run(lambda s: (4, 1))
+    assert on.mean_latency_s < 0.8 * off.mean_latency_s
+    expect = PRE.acceptance.expected_accepted(4) / 4
+    assert on.accept_rate == pytest.approx(expect, rel=0.05)
+
+
+def test_peek_matches_execute_without_noise():
+    reqs = _requests()
+    sim = Simulator(reqs, PRE.cost, PRE.acceptance, EngineConfig(max_k=PRE.max_k), seed=0, noise=False)
+    for _ in range(300):
+        if sim.prepare() is None:
+            break
+        peeks = {k: sim.peek(k) for k in range(PRE.max_k + 1)}
+        out = sim.execute(2, 1)
+        # caps at output length can only lower the realised acceptance
+        assert out.accepted_tokens <= peeks[2][0]
+        assert out.step_ms == pytest.approx(peeks[2][1])
+        assert peeks[0][0] == 0 and all(peeks[k][0] <= peeks[k + 1][0] for k in range(PRE.max_k))
+
+
+def test_kv_capacity_limits_admission():
+    reqs = RequestArrays.from_lists([0.0] * 10, [1000] * 10, [100] * 10)
+    sim = _sim(reqs, kv_capacity_tokens=3300)
+    max_running = 0
+    while (s := sim.prepare()) is not None:
+        max_running = max(max_running, s.running)
+        sim.execute(0, 1)
+    assert max_running == 3 and sim.stats().completed == 10
+
+
+def test_bad_actions_and_config_are_refused():
+    sim = _sim(_requests(5))
+    with pytest.raises(RuntimeError, match="prepare"):
+        sim.execute(1, 1)
+    sim.prepare()
+    with pytest.raises(ValueError, match="outside"):
+        sim.execute(PRE.max_k + 1, 1)
+    with pytest.raises(ValueError, match="width=2"):
+        sim.execute(1, 2)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_k"):
+        Simulator(_requests(5), RooflineCost(), AcceptanceProfile(p=[0.5]), EngineConfig(max_k=3))
+
+
+def test_window_scales_load():
+    reqs = _requests(1000, rate=10.0)
+    w1 = reqs.window(0, 20, 1.0)
+    w4 = reqs.window(0, 20, 4.0)
+    assert len(w4) == pytest.approx(4 * len(w1), rel=0.15)
+    assert w4.arrival_s.min() >= 0 and w4.arrival_s.max() < 20
+
+
+def test_replay_of_own_actions_is_faithful(small_synthetic_trace):
+    """Bound stated in the README: every compared figure within 5%."""
+    rep = replay_fidelity(load_trace(small_synthetic_trace), seed=0)
+    for name in ("step_ms_mean", "step_ms_p50", "step_ms_p90", "decode_tps", "busy_s"):
+        assert rep[name]["rel_error"] < 0.05, (name, rep[name])
+    assert rep["step_ms_p99"]["rel_error"] < 0.10, rep["step_ms_p99"]
+
+
+def test_trace_action_policy_follows_the_trace(small_synthetic_trace):
+    t = load_trace(small_synthetic_trace)
+    pol = trace_action_policy(t)
+
+    class S:
+        t_s = float(t.steps["t_s"][10])
+
+    assert pol(S()) == (int(t.steps["k"][10]), int(t.steps["width"][10]) if t.steps["k"][10] else 1)
