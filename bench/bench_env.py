@@ -39,21 +39,11 @@ from envs.scenario import Scenario
 from envs.simulator import Simulator
 from envs.spec_env import SpecDecodeEnv
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_line  # noqa: E402
+
 PRESETS = ("h100-llama3-8b-eagle", "h100-llama3-8b-tree-drift")
 TARGET_STEPS_PER_S = 20_000
-
-
-def machine_line() -> str:
-    cpu = platform.processor()
-    if not cpu:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-        except OSError:
-            cpu = ""
-    return (f"machine: {cpu or platform.machine()} ({platform.machine()}), nproc={os.cpu_count()}, "
-            f"python {platform.python_version()} ({platform.python_implementation()}), {platform.system()}, "
-            f"numpy {np.__version__}, gymnasium {gym.__version__}")
 
 
 def bench_env(env: gym.Env, n_steps: int, seed: int) -> tuple[float, int]:
@@ -105,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"presets to run (default {PRESETS})")
     args = ap.parse_args(argv)
 
-    print(machine_line())
+    print(machine_line(f"numpy {np.__version__}", f"gymnasium {gym.__version__}"))
     print(f"steps per row: {args.steps:,}; target {TARGET_STEPS_PER_S:,} steps/s; "
           f"bare sim action k={args.k}, width={args.width}")
     print()

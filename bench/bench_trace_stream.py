@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_line  # noqa: E402
+
 MAX_K = 4
 WIDTHS = [1]
 N_REQUESTS = 400
@@ -50,18 +53,6 @@ CHUNK_STEPS = 20_000
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def machine_line() -> str:
-    cpu = platform.processor()
-    if not cpu:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-        except OSError:
-            cpu = ""
-    return (f"machine: {cpu or platform.machine()} ({platform.machine()}), nproc={os.cpu_count()}, "
-            f"python {platform.python_version()} ({platform.python_implementation()}), {platform.system()}")
 
 
 # --------------------------------------------------------------------------- generation
