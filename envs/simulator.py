@@ -268,8 +268,9 @@ class Simulator:
             self._next += 1
 
     @property
-    def done(self) -> bool:
-        return self._completed >= len(self.requests)
+    def completed(self) -> int:
+        """Requests finished so far."""
+        return self._completed
 
     def prepare(self) -> StepState | None:
         """Admit arrivals up to now (jumping idle time) and describe the coming step."""

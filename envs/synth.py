@@ -72,9 +72,9 @@ def synthesise(requests: RequestArrays, preset: ProfilePreset, path: str | os.Pa
         else:
             k, w = greedy(state)
         steps.append(sim.execute(k, w).record())
-        if bar is not None and sim.stats().completed != done:
-            bar.update(sim._completed - done)
-            done = sim._completed
+        if bar is not None and sim.completed != done:
+            bar.update(sim.completed - done)
+            done = sim.completed
     if bar is not None:
         bar.close()
     header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": "spec-sim (envs.simulator)",
