@@ -18,8 +18,12 @@ an episode this is minus the total time requests spent in the system, so the ret
 ``-(mean request latency) * (requests)`` (Little's law): the agent is paid for what users
 feel.  It also rewards throughput under load (a queue that grows costs more every step)
 and, unlike a per-step tokens/s reward, it does not favour a fast step that leaves the
-queue longer.  ``"goodput"``: committed tokens per step millisecond / 100, the per-step
-signal Nightjar's bandit uses (arXiv 2512.22420); offered for comparison.
+queue longer.  ``"rate"``: ``(committed_tokens - rho * step_ms) / (max_num_seqs / 8)`` with
+``rho`` the recent tokens-per-ms (the ``tok_per_ms`` EMA before this step): the
+Dinkelbach form of maximising the ratio tokens / time, which, unlike a per-step ratio,
+weighs each step by its duration; dense and low-variance, it trains fastest.
+``"goodput"``: committed tokens per step millisecond / 100, the per-step signal
+Nightjar's bandit uses (arXiv 2512.22420); offered for comparison.
 
 **Starting state** -- :meth:`reset` picks a load scale from ``load_scales`` and a window of
 ``window_s`` seconds (scaled timeline) whose start lies in the ``time_range`` fraction of
@@ -44,7 +48,7 @@ from controller.features import N_FEATURES, FeatureSpec, FeatureState, observe
 from envs.scenario import Scenario
 from envs.simulator import Simulator
 
-REWARDS = ("latency", "goodput")
+REWARDS = ("latency", "rate", "goodput")
 
 
 class SpecDecodeEnv(gym.Env):
@@ -88,6 +92,7 @@ class SpecDecodeEnv(gym.Env):
         self.action_space = gym.spaces.Discrete(self.actions.n)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self.features = FeatureState(self.feature_spec)
+        self._rate_scale = float(cfg.max_num_seqs) / 8.0
         self._obs = np.zeros(N_FEATURES, dtype=np.float32)
         self.sim: Simulator | None = None
         self._state = None
@@ -136,10 +141,13 @@ class SpecDecodeEnv(gym.Env):
             raise RuntimeError("call reset() before step(); the episode is over")
         k, w = self._kw[int(action)]
         out = self.sim.execute(k, w)
+        rate_before = self.features.tok_per_ms
         self.features.update(out.batch_size, out.k, out.width, out.drafts, out.accepted_per_pos, out.step_ms,
                              out.committed_tokens)
         if self.reward_kind == "latency":
             reward = -(out.step_ms / 1000.0) * out.in_system
+        elif self.reward_kind == "rate":
+            reward = (out.committed_tokens - rate_before * out.step_ms) / self._rate_scale
         else:
             reward = out.committed_tokens / out.step_ms / 100.0
         self.episode["return"] += reward
