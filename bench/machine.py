@@ -1,17 +1,3 @@
-"""The machine line every benchmark prints first (numbers are only comparable on one machine)."""
+"""The machine line every benchmark prints first (re-exported from the package)."""
 
-import os
-import platform
-
-
-def machine_line(*extra: str) -> str:
-    cpu = platform.processor()
-    if not cpu:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-        except OSError:
-            cpu = ""
-    parts = [f"machine: {cpu or platform.machine()} ({platform.machine()})", f"nproc={os.cpu_count()}",
-             f"python {platform.python_version()} ({platform.python_implementation()})", platform.system(), *extra]
-    return ", ".join(parts)
+from policies.machine import machine_line  # noqa: F401

@@ -455,7 +455,8 @@ def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float
     ``p`` (with a prior: ``prior_strength`` draft trials make a bin's estimate count half, so
     bins with little speculation shrink toward no drift), then each position's ``p[i]`` given
     the offsets.  ``delta`` is centred (weighted by drafts per bin), so ``p`` is the
-    acceptance at the trace's average drift level.  With several traces the drift timeline is the one of the first trace (their
+    acceptance at the trace's average drift level.  With several traces the drift timeline is
+    the one of the first trace (their
     time axes are unrelated); ``p`` pools all of them.
     """
     depth = max(t.max_k for t in traces)

@@ -284,7 +284,8 @@ class Simulator:
         self._u = self.rng.random(self.config.max_num_seqs)
         self._prepared = True
         S = self.config.max_num_seqs
-        return StepState(self.t, self._n_decoding, len(self._queue), min(1.0, self._ctx_total / self.config.kv_capacity_tokens),
+        kv = min(1.0, self._ctx_total / self.config.kv_capacity_tokens)
+        return StepState(self.t, self._n_decoding, len(self._queue), kv,
                          self._pending_prefill + self._waiting_prefill, S - len(self._free))
 
     def peek(self, k: int, width: int = 1) -> tuple[int, float]:

@@ -77,8 +77,9 @@ def synthesise(requests: RequestArrays, preset: ProfilePreset, path: str | os.Pa
             done = sim.completed
     if bar is not None:
         bar.close()
-    header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": "spec-sim (envs.simulator)",
-              "hardware": preset.description.split(",")[0], "model": preset.cost.name, "draft": f"{preset.method} drafter",
+    header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "engine": "spec-sim (envs.simulator)", "hardware": preset.description.split(",")[0],
+              "model": preset.cost.name, "draft": f"{preset.method} drafter",
               "method": preset.method, "max_num_seqs": preset.max_num_seqs,
               "max_num_batched_tokens": preset.max_num_batched_tokens,
               "kv_capacity_tokens": config.kv_capacity_tokens, "profile": preset.name,
@@ -145,6 +146,7 @@ def replay_fidelity(trace: Trace, *, seed: int = 0, scenario: Scenario | None = 
         "busy_s": (float(real_ms.sum() / 1000.0), float(sim_ms.sum() / 1000.0)),
     }
     for name, (real, sim_v) in pairs.items():
-        out[name] = {"trace": round(real, 4), "replay": round(sim_v, 4), "rel_error": round(abs(sim_v - real) / real, 4)}
+        out[name] = {"trace": round(real, 4), "replay": round(sim_v, 4),
+                     "rel_error": round(abs(sim_v - real) / real, 4)}
     out["max_rel_error"] = max(v["rel_error"] for k, v in out.items() if isinstance(v, dict))
     return out

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.trace import Trace, TraceError, expand_paths, load_trace
+from policies.machine import machine_line
 
 TEST_FRACTION = 0.2
 
@@ -53,13 +54,6 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "numpy": np.__version__, "gymnasium": gymnasium.__version__,
             "stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__}
-
-
-def machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def typical_decision(artifact, scenario, trace: Trace):
@@ -114,10 +108,12 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
                 "widths_by_batch_size": [[b, w] for b, (_k, w) in enumerate(decision.table) if b and w != 1],
                 "note": "the learned policy's k per batch size at the trace's typical state (median KV use, no "
                         "queue, fitted acceptance); paste into vLLM's speculative_config. The plugin adapts per step."}
-    (out / "vllm_schedule.json").write_text(json.dumps(schedule, indent=1))
+    (out / "vllm_schedule.json").write_text(
+        "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in schedule.items()) + "\n}\n")
 
     meta = {"test_fraction": TEST_FRACTION, "window_s": args.window_s, "windows_per_load": args.eval_windows,
-            "machine": machine(), "train": {"algo": cfg.algo, "timesteps": res.timesteps, "seconds": res.seconds,
+            "machine": machine_line().removeprefix("machine: "),
+            "train": {"algo": cfg.algo, "timesteps": res.timesteps, "seconds": res.seconds,
                                             "stopped": res.stopped},
             "cost_fit": scenario.cost.report, "acceptance_fit": scenario.acceptance.report}
     report = write_report(out, name, summary, results, env.actions.actions, res.curve, meta,
@@ -134,7 +130,8 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
     print(summary_table(summary))
     o = report["ratios"]["overall"]
     print(f"learned/oracle goodput: overall {o['learned_vs_oracle_goodput']:.3f}, worst load "
-          f"{o['min_learned_vs_oracle_goodput']:.3f}; worst mean-latency ratio {o['max_learned_vs_oracle_latency']:.3f}; "
+          f"{o['min_learned_vs_oracle_goodput']:.3f}; "
+          f"worst mean-latency ratio {o['max_learned_vs_oracle_latency']:.3f}; "
           f"worst learned/best-static {o['min_learned_vs_best_static_goodput']:.3f}; "
           + ", ".join(f"vs {k[11:-8]} {v:.3f}" for k, v in o.items()
                       if k.startswith("learned_vs_") and k != "learned_vs_oracle_goodput"))

@@ -30,19 +30,19 @@ def ratios(summary: dict) -> dict:
     tables = [p for p in summary if p.startswith("table")]
     per: dict = {}
     for s in scales:
-        L, O = summary[LEARNED][s], summary[ORACLE][s]
+        lrn, orc = summary[LEARNED][s], summary[ORACLE][s]
         best_static = max(statics, key=lambda p: summary[p][s]["goodput_tps"])
-        row = {"learned_vs_oracle_goodput": L["goodput_tps"] / O["goodput_tps"],
-               "learned_vs_oracle_latency": L["mean_latency_s"] / O["mean_latency_s"],
+        row = {"learned_vs_oracle_goodput": lrn["goodput_tps"] / orc["goodput_tps"],
+               "learned_vs_oracle_latency": lrn["mean_latency_s"] / orc["mean_latency_s"],
                "best_static": best_static,
-               "learned_vs_best_static_goodput": L["goodput_tps"] / summary[best_static][s]["goodput_tps"]}
+               "learned_vs_best_static_goodput": lrn["goodput_tps"] / summary[best_static][s]["goodput_tps"]}
         if tables:
             best_table = max(tables, key=lambda p: summary[p][s]["goodput_tps"])
             row["best_table"] = best_table
-            row["learned_vs_best_table_goodput"] = L["goodput_tps"] / summary[best_table][s]["goodput_tps"]
+            row["learned_vs_best_table_goodput"] = lrn["goodput_tps"] / summary[best_table][s]["goodput_tps"]
         for ref in REFERENCES:
             if ref in summary:
-                row[f"learned_vs_{ref}_goodput"] = L["goodput_tps"] / summary[ref][s]["goodput_tps"]
+                row[f"learned_vs_{ref}_goodput"] = lrn["goodput_tps"] / summary[ref][s]["goodput_tps"]
         per[s] = row
 
     def overall(p):  # geometric mean of goodput over load scales
@@ -208,8 +208,8 @@ def write_report(out: Path, name: str, summary: dict, results: Sequence[EvalResu
     for s, r in rat["by_load"].items():
         md.append(f"| x{s:g} | {_fmt(r['learned_vs_oracle_goodput'])} | {_fmt(r['learned_vs_oracle_latency'])} | "
                   f"{r['best_static']} | {_fmt(r['learned_vs_best_static_goodput'])} |")
-    md += ["", "## k by batch size (learned vs oracle)", "", "| batch | learned mean k | learned width | oracle mean k |"
-           " oracle width |", "|---|---|---|---|---|"]
+    md += ["", "## k by batch size (learned vs oracle)", "",
+           "| batch | learned mean k | learned width | oracle mean k | oracle width |", "|---|---|---|---|---|"]
     for b, row in kb.get(LEARNED, {}).items():
         orc = kb.get(ORACLE, {}).get(b, {})
         md.append(f"| {b} | {row['mean_k']:.2f} | {row['mean_width']:.2f} | {_fmt(orc.get('mean_k'), 2)} | "

@@ -9,7 +9,8 @@ from policies.cli import main
 def test_tiny_run_writes_everything(tmp_path, small_synthetic_trace, capsys):
     out = tmp_path / "out"
     rc = main(["--trace", str(small_synthetic_trace), "--out", str(out), "--timesteps", "1500", "--load-scales", "1",
-               "2", "--eval-windows", "1", "--window-s", "10", "--no-progress", "--table", "[[1, 16, 3], [17, 256, 1]]"])
+               "2", "--eval-windows", "1", "--window-s", "10", "--no-progress",
+               "--table", "[[1, 16, 3], [17, 256, 1]]"])
     assert rc == 0
     (group,) = [p for p in out.iterdir() if p.is_dir()]
     for f in ("policy.json", "vllm_schedule.json", "report.md", "report.json", "sb3_model.zip",
