@@ -106,10 +106,21 @@ def plots(out: Path, summary: dict, kb: dict, curve: list[dict], name: str) -> l
 
     files = []
     scales = sorted(summary[ORACLE])
+    tab20 = plt.get_cmap("tab20").colors  # strong colours first, red kept for the learned policy
+    palette = [c for i, c in enumerate(tab20) if i % 2 == 0 and i != 6] + [c for i, c in enumerate(tab20)
+                                                                            if i % 2 == 1 and i != 7]
+    others = [p for p in summary if p not in (LEARNED, ORACLE)]
+
+    def style_of(pol: str) -> dict:
+        if pol == LEARNED:
+            return {"lw": 2.8, "color": "#d62728"}
+        if pol == ORACLE:
+            return {"lw": 2, "ls": "--", "color": "k"}
+        return {"lw": 1.2, "color": palette[others.index(pol) % len(palette)]}
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for pol, by in summary.items():
-        style = {"lw": 2.8, "color": "C3"} if pol == LEARNED else (
-            {"lw": 2, "ls": "--", "color": "k"} if pol == ORACLE else {"lw": 1, "alpha": 0.7})
+        style = style_of(pol)
         axes[0].plot(scales, [by[s]["goodput_tps"] / summary[ORACLE][s]["goodput_tps"] for s in scales],
                      marker="o", label=pol, **style)
         axes[1].plot(scales, [by[s]["mean_latency_s"] for s in scales], marker="o", label=pol, **style)
@@ -123,9 +134,10 @@ def plots(out: Path, summary: dict, kb: dict, curve: list[dict], name: str) -> l
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(f"{name}: held-out windows")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 13), fontsize=8, frameon=False)
     fig.savefig(out / "goodput_latency_vs_load.png", dpi=110)
     plt.close(fig)
     files.append("goodput_latency_vs_load.png")
@@ -154,7 +166,7 @@ def plots(out: Path, summary: dict, kb: dict, curve: list[dict], name: str) -> l
     for pol, by in summary.items():
         vals = [by[s]["accept_rate"] for s in scales]
         if all(np.isfinite(vals)):
-            ax.plot(scales, vals, marker="o", label=pol, lw=2.5 if pol == LEARNED else 1)
+            ax.plot(scales, vals, marker="o", label=pol, **style_of(pol))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("load scale")
     ax.set_title("accept rate (accepted / drafted tokens) vs load")
