@@ -36,6 +36,7 @@ RECORD_TYPES = ("header", "request", "step")
 
 __all__ = [
     "SCHEMA",
+    "ReadState",
     "Trace",
     "TraceError",
     "TraceWriter",
@@ -174,8 +175,11 @@ STEP_FIELDS: dict[str, tuple[bool, Any]] = {
 
 
 @dataclass
-class _ReadState:
-    """What a reader must remember across lines (time order, unique ids)."""
+class ReadState:
+    """What a reader must remember across lines (time order, unique ids).
+
+    Public so that a service validating records one at a time (the sidecar) keeps one per stream
+    and calls :func:`validate_record` with it, the header record first."""
 
     header: dict | None = None
     last_step_t: float = -math.inf
@@ -194,7 +198,7 @@ def _check_fields(rec: dict, spec: dict, path: str, line: int) -> None:
             raise TraceError(path, line, name, expected, rec[name])
 
 
-def validate_record(rec: Any, state: _ReadState, path: str = "<trace>", line: int = 0) -> None:
+def validate_record(rec: Any, state: ReadState, path: str = "<trace>", line: int = 0) -> None:
     """Validate one decoded record against the schema and the trace so far; raise TraceError."""
     if not isinstance(rec, dict):
         raise TraceError(path, line, "<line>", "a JSON object", rec)
@@ -306,7 +310,7 @@ def iter_trace(path: str | os.PathLike, *, errors: list[TraceError] | None = Non
     header still stops the file (nothing after it can be checked).
     """
     path = Path(path)
-    state = _ReadState()
+    state = ReadState()
     with _open_text(path) as fh:
         for lineno, text in enumerate(fh, start=1):
             if not text.strip():
@@ -496,7 +500,7 @@ class TraceWriter:
     def __init__(self, path: str | os.PathLike, *, max_k: int, widths: list[int], source: str, **header: Any):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._state = _ReadState()
+        self._state = ReadState()
         self._line = 0
         self._fh: TextIO = (io.TextIOWrapper(gzip.open(self.path, "wb", compresslevel=6), encoding="utf-8")
                             if self.path.suffix == ".gz" else open(self.path, "w", encoding="utf-8"))
@@ -525,6 +529,11 @@ class TraceWriter:
 
     def step(self, **fields: Any) -> None:
         self._write({"type": "step", **fields})
+
+    def flush(self) -> None:
+        """Push buffered lines to the file (a gzip member is completed only by :meth:`close`)."""
+        if not self._fh.closed:
+            self._fh.flush()
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -1,0 +1,1 @@
+"""One route module per resource: decisions, the policy, operations (health, readiness, metrics)."""
