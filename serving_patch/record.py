@@ -1,0 +1,138 @@
+"""``record-trace``: replay real request arrivals against a real vLLM engine and record the steps.
+
+    record-trace --method draft_model --time-scale 0.2 --duration-s 60 \\
+                 --out traces/cpu-tiny-draft_model.azure-x0.2.jsonl.gz
+
+Arrivals and sizes come from the Azure LLM inference trace 2023 (conversation; Microsoft,
+CC-BY 4.0; Patel et al., "Splitwise", ISCA 2024), the window ``[start_s, start_s +
+duration_s * time_scale)`` of its original timeline, played ``time_scale`` times as fast
+(so ``--duration-s`` is the length of the replay).  The tiny model pair
+(``build-tiny-models``, built if missing) cannot serve Azure-sized requests at Azure's rate
+on a 2-core CPU, so prompt and output lengths are scaled (``--prompt-scale``,
+``--output-scale``) and clipped to the model's context; the scaled sizes are what the
+trace's request records say.  Prompts are corpus windows of exactly those lengths.
+
+The engine runs with the plugin recording (``SPEC_TRACE_OUT``) and a controller choosing k
+(default ``static:<max_k>``) with exploration (``--explore``, a uniformly random k with that
+probability each step), so the recorded trace shows the cost and acceptance of every k at
+every load -- what ``train-controller`` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "record"]
+
+
+def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 0.2, start_s: float = 0.0,
+           duration_s: float = 60.0, prompt_scale: float = 0.125, output_scale: float = 0.5,
+           max_prompt_tokens: int = 384, max_output_tokens: int = 128, controller: str | None = None,
+           explore: float = 0.3, max_num_seqs: int = 32, seed: int = 0, models_dir: str | None = None,
+           azure_csv: str | None = None, progress: bool = True, log=print) -> dict:
+    """Record one trace; returns a summary (requests, steps, wall time, the controller's stats)."""
+    import numpy as np
+
+    from envs.azure import AZURE_ATTRIBUTION, DEFAULT_AZURE_CSV, read_azure_csv
+    from envs.trace import load_trace
+    from serving_patch.engine import EngineSpec, engine_defaults, make_llm
+    from serving_patch.load import LoadRequest, corpus_token_ids, run_load, synth_prompts
+    from serving_patch.models import build_tiny_models
+
+    engine_defaults()
+    if time_scale <= 0 or duration_s <= 0:
+        raise ValueError(f"--time-scale and --duration-s must be > 0, got {time_scale} and {duration_s}")
+    if not 0 < prompt_scale <= 1 or not 0 < output_scale <= 1:
+        raise ValueError(f"--prompt-scale and --output-scale must be in (0, 1], got {prompt_scale}, {output_scale}")
+    pair = build_tiny_models(models_dir, log_fn=log)
+    spec = EngineSpec(method=method, max_k=max_k, max_num_seqs=max_num_seqs)
+    load = read_azure_csv(azure_csv or DEFAULT_AZURE_CSV, time_scale=time_scale, start_s=start_s,
+                          duration_s=duration_s * time_scale)
+    if not len(load.arrival_s):
+        raise ValueError(f"the Azure window start_s={start_s}, duration {duration_s * time_scale:g} s (original "
+                         f"timeline) holds no request")
+    room = spec.max_model_len - 1
+    outs = np.clip(np.round(load.output_tokens * output_scale), 1, max_output_tokens).astype(int)
+    prompts_len = np.clip(np.round(load.prompt_tokens * prompt_scale), 1, max_prompt_tokens).astype(int)
+    prompts_len = np.minimum(prompts_len, room - outs)
+    ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
+    prompts = synth_prompts(ids, prompts_len, seed=seed)
+    reqs = [LoadRequest(f"r{i}", float(a), p, int(o)) for i, (a, p, o) in
+            enumerate(zip(load.arrival_s, prompts, outs))]
+    controller = controller or f"static:{max_k}"
+    notes = (f"record-trace: Azure conv window {start_s:g}+{duration_s * time_scale:g} s at x{time_scale:g}, "
+             f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
+             f"{AZURE_ATTRIBUTION}")
+    log(f"recording {len(reqs)} requests ({method}, max_k={max_k}, x{time_scale:g}, {duration_s:g} s, controller "
+        f"{controller}, explore {explore:g}) -> {out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    llm = make_llm(pair.target, pair.draft, spec, controller=controller, trace_out=str(out), explore=explore,
+                   seed=seed, notes=notes)
+    from serving_patch.engine_hook import controllers
+
+    ctl = controllers()[-1]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(reqs), unit="req", desc=f"{method} x{time_scale:g}", file=sys.stderr)
+    t0 = time.perf_counter()
+    res = run_load(llm, reqs, progress=bar.update if bar else None, max_wall_s=duration_s * 4 + 120)
+    if bar:
+        bar.close()
+    stats = ctl.stats()
+    ctl.close()
+    del llm
+    trace = load_trace(out)
+    summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1), "requests": len(reqs),
+               "finished": res.finished, "tokens_per_s": round(res.tokens_per_s, 1),
+               "mean_latency_s": round(res.mean_latency_s, 3), "trace": trace.summary(),
+               "controller": {k: stats[k] for k in ("steps", "explored", "fallbacks", "errors", "hook_us_per_step",
+                                                    "mean_step_ms")},
+               "recorder_us_per_step": stats.get("recorder", {}).get("us_per_step")}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="record-trace", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="trace file to write (.jsonl or .jsonl.gz)")
+    ap.add_argument("--method", required=True, choices=("draft_model", "ngram"))
+    ap.add_argument("--max-k", type=int, default=4, help="num_speculative_tokens of the engine (default 4)")
+    ap.add_argument("--time-scale", type=float, default=0.2, help="arrival-rate multiplier of the Azure trace")
+    ap.add_argument("--start-s", type=float, default=0.0, help="window start on the original Azure timeline")
+    ap.add_argument("--duration-s", type=float, default=60.0, help="length of the replay in seconds")
+    ap.add_argument("--prompt-scale", type=float, default=0.125)
+    ap.add_argument("--output-scale", type=float, default=0.5)
+    ap.add_argument("--max-prompt-tokens", type=int, default=384)
+    ap.add_argument("--max-output-tokens", type=int, default=128)
+    ap.add_argument("--controller", default=None,
+                    help="SPEC_CONTROLLER for the recording engine (default static:<max-k>); see serving_patch.config")
+    ap.add_argument("--explore", type=float, default=0.3, help="probability of a uniformly random k per step")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models-dir", default=None, help="tiny model cache (default $SPEC_MODELS_DIR)")
+    ap.add_argument("--azure-csv", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        summary = record(args.out, method=args.method, max_k=args.max_k, time_scale=args.time_scale,
+                         start_s=args.start_s, duration_s=args.duration_s, prompt_scale=args.prompt_scale,
+                         output_scale=args.output_scale, max_prompt_tokens=args.max_prompt_tokens,
+                         max_output_tokens=args.max_output_tokens, controller=args.controller, explore=args.explore,
+                         max_num_seqs=args.max_num_seqs, seed=args.seed, models_dir=args.models_dir,
+                         azure_csv=args.azure_csv, progress=not args.no_progress,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"record-trace: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

