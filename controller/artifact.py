@@ -31,11 +31,20 @@ from controller.features import FEATURE_NAMES, FeatureSpec, FeatureState, batch_
 ARTIFACT_SCHEMA = "spec-policy/1"
 ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
 
-__all__ = ["ARTIFACT_SCHEMA", "ArtifactError", "Decision", "PolicyArtifact"]
+__all__ = ["ARTIFACT_SCHEMA", "ArtifactError", "Decision", "PolicyArtifact", "read_artifact_bytes"]
 
 
 class ArtifactError(ValueError):
     """A policy artifact that cannot be used; names the file, the field and the fix."""
+
+
+def read_artifact_bytes(path: str | os.PathLike) -> bytes:
+    """The artifact file's bytes; a missing file says how to make one."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"policy artifact {str(path)!r} does not exist; train one with "
+                                f"`train-controller --trace 'traces/*.jsonl*' --out DIR`") from None
 
 
 @dataclass(frozen=True)
@@ -166,13 +175,9 @@ class PolicyArtifact:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PolicyArtifact:
         path = Path(path)
+        data = read_artifact_bytes(path)
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"policy artifact {str(path)!r} does not exist; train one with "
-                                    f"`train-controller --trace 'traces/*.jsonl*' --out DIR`") from None
-        try:
-            d = json.loads(text)
+            d = json.loads(data)
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(d, str(path))

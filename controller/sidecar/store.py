@@ -23,12 +23,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from controller.artifact import ACTIVATIONS, ArtifactError, Decision, PolicyArtifact
+from controller.artifact import ACTIVATIONS, ArtifactError, Decision, PolicyArtifact, read_artifact_bytes
 from controller.features import BATCH_FEATURES, FeatureSpec, FeatureState, batch_sweep, observe
 
 __all__ = ["EngineEntry", "EngineStates", "PolicySnapshot", "PolicyStore", "decide", "decide_runs", "fold_steps",
@@ -173,13 +172,7 @@ class PolicyStore:
 
 
 def read_policy_file(path: str | os.PathLike) -> PolicySnapshot:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"policy artifact {str(path)!r} does not exist; train one with "
-                                f"`train-controller --trace 'traces/*.jsonl*' --out DIR`") from None
-    return load_snapshot(data, str(path))
+    return load_snapshot(read_artifact_bytes(path), str(path))
 
 
 @dataclass
