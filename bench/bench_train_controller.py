@@ -41,10 +41,12 @@ def main() -> int:
     print(f"\n=== train-controller wall time: {wall:.0f} s (budget 600 s) ===")
     for group, rat in summary.items():
         print(f"\n[{group}]")
-        print(f"{'load':>6} {'learned/oracle goodput':>23} {'learned/oracle latency':>23} {'best static':>12} "
-              f"{'learned/best static':>20}")
+        print(f"{'load':>6} {'learned/oracle goodput':>23} {'learned/oracle latency':>23} {'/oracle-ev goodput':>19} "
+              f"{'/oracle-ev latency':>19} {'best static':>12} {'learned/best static':>20}")
         for load, r in rat["by_load"].items():
             print(f"{'x' + load:>6} {r['learned_vs_oracle_goodput']:>23.3f} {r['learned_vs_oracle_latency']:>23.3f} "
+                  f"{r.get('learned_vs_oracle_ev_goodput', float('nan')):>19.3f} "
+                  f"{r.get('learned_vs_oracle_ev_latency', float('nan')):>19.3f} "
                   f"{r['best_static']:>12} {r['learned_vs_best_static_goodput']:>20.3f}")
         o = rat["overall"]
         print("overall (geometric mean over loads): "

@@ -262,6 +262,39 @@ class HindsightOracle(Policy):
         return best
 
 
+@dataclass
+class ExpectedOracle(Policy):
+    """Per step, the action with the most *expected* committed tokens per ms under the true profiles.
+
+    It knows what no causal policy can know exactly -- the scenario's true cost model and the
+    true acceptance rates at this moment (drift included) -- but not this step's realised draws,
+    so it is the ceiling of a causal policy; :class:`HindsightOracle` also knows the draws (at
+    batch 1 it skips drafting exactly on the steps whose drafts would be rejected).
+    """
+
+    name: str = "oracle-ev"
+
+    def reset(self, env):
+        super().reset(env)
+        self.cost = env.scenario.cost
+        self.valid = [i for i, ok in enumerate(env.action_masks()) if ok]
+
+    def act(self, obs, env):
+        s = env._state
+        if s.batch_size == 0:
+            return 0
+        sim = env.sim
+        t = sim.t + sim.time_offset_s
+        best, best_rate = 0, -1.0
+        for i in self.valid:
+            k, w = env.actions.actions[i]
+            exp_acc = sim.acceptance.expected_accepted(k, w, t) if k else 0.0
+            rate = s.batch_size * (1 + exp_acc) / self.cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
+            if rate > best_rate:
+                best, best_rate = i, rate
+        return best
+
+
 def baseline_suite(env: SpecDecodeEnv, traces: list[Trace] | None = None, user_table: list[list[int]] | None = None,
                    seed: int = 0) -> list[Policy]:
     """Every baseline for ``env``'s action set: off, static k for each k, tables, bandit, EMA, greedy, oracle."""
@@ -270,5 +303,5 @@ def baseline_suite(env: SpecDecodeEnv, traces: list[Trace] | None = None, user_t
         pols.append(BatchTable(user_table, label="table-user"))
     if traces:
         pols.append(BatchTable.fit(traces, env.actions.max_k))
-    pols += [NightjarBandit(seed=seed), EmaAdaptive(), GoodputGreedy(), HindsightOracle()]
+    pols += [NightjarBandit(seed=seed), EmaAdaptive(), GoodputGreedy(), ExpectedOracle(), HindsightOracle()]
     return pols

@@ -132,9 +132,12 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
     print(f"learned/oracle goodput: overall {o['learned_vs_oracle_goodput']:.3f}, worst load "
           f"{o['min_learned_vs_oracle_goodput']:.3f}; "
           f"worst mean-latency ratio {o['max_learned_vs_oracle_latency']:.3f}; "
-          f"worst learned/best-static {o['min_learned_vs_best_static_goodput']:.3f}; "
+          + (f"vs expected-value oracle {o['learned_vs_oracle_ev_goodput']:.3f} (worst load "
+             f"{o['min_learned_vs_oracle_ev_goodput']:.3f}, worst latency {o['max_learned_vs_oracle_ev_latency']:.3f}); "
+             if "learned_vs_oracle_ev_goodput" in o else "")
+          + f"worst learned/best-static {o['min_learned_vs_best_static_goodput']:.3f}; "
           + ", ".join(f"vs {k[11:-8]} {v:.3f}" for k, v in o.items()
-                      if k.startswith("learned_vs_") and k != "learned_vs_oracle_goodput"))
+                      if k.startswith("learned_vs_") and not k.startswith("learned_vs_oracle")))
     print(f"vLLM schedule: {schedule['num_speculative_tokens_per_batch_size']}")
     return report
 

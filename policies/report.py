@@ -16,6 +16,7 @@ from policies.evaluate import EvalResult
 
 LEARNED = "learned"
 ORACLE = "oracle"
+EV_ORACLE = "oracle-ev"
 REFERENCES = ("nightjar", "ema", "goodput-greedy")
 
 
@@ -36,6 +37,10 @@ def ratios(summary: dict) -> dict:
                "learned_vs_oracle_latency": lrn["mean_latency_s"] / orc["mean_latency_s"],
                "best_static": best_static,
                "learned_vs_best_static_goodput": lrn["goodput_tps"] / summary[best_static][s]["goodput_tps"]}
+        if EV_ORACLE in summary:
+            ev = summary[EV_ORACLE][s]
+            row["learned_vs_oracle_ev_goodput"] = lrn["goodput_tps"] / ev["goodput_tps"]
+            row["learned_vs_oracle_ev_latency"] = lrn["mean_latency_s"] / ev["mean_latency_s"]
         if tables:
             best_table = max(tables, key=lambda p: summary[p][s]["goodput_tps"])
             row["best_table"] = best_table
@@ -55,6 +60,10 @@ def ratios(summary: dict) -> dict:
     tot["min_learned_vs_best_static_goodput"] = min(r["learned_vs_best_static_goodput"] for r in per.values())
     tot["min_learned_vs_oracle_goodput"] = min(r["learned_vs_oracle_goodput"] for r in per.values())
     tot["max_learned_vs_oracle_latency"] = max(r["learned_vs_oracle_latency"] for r in per.values())
+    if EV_ORACLE in summary:
+        tot["learned_vs_oracle_ev_goodput"] = overall(LEARNED) / overall(EV_ORACLE)
+        tot["min_learned_vs_oracle_ev_goodput"] = min(r["learned_vs_oracle_ev_goodput"] for r in per.values())
+        tot["max_learned_vs_oracle_ev_latency"] = max(r["learned_vs_oracle_ev_latency"] for r in per.values())
     return {"by_load": per, "overall": tot}
 
 
@@ -209,16 +218,21 @@ def write_report(out: Path, name: str, summary: dict, results: Sequence[EvalResu
           "## Headline ratios", "",
           f"- learned / oracle goodput: overall {_fmt(o['learned_vs_oracle_goodput'])}, worst load "
           f"{_fmt(o['min_learned_vs_oracle_goodput'])}; mean latency vs oracle worst "
-          f"{_fmt(o['max_learned_vs_oracle_latency'])}",
+          f"{_fmt(o['max_learned_vs_oracle_latency'])} (the hindsight oracle knows each step's realised draws)",
+          *([f"- learned / expected-value oracle (true profiles, no draws: a causal policy's ceiling) goodput: "
+             f"overall {_fmt(o['learned_vs_oracle_ev_goodput'])}, worst load "
+             f"{_fmt(o['min_learned_vs_oracle_ev_goodput'])}; mean latency worst "
+             f"{_fmt(o['max_learned_vs_oracle_ev_latency'])}"] if "learned_vs_oracle_ev_goodput" in o else []),
           f"- learned / max(off, best static k) goodput, worst load: {_fmt(o['min_learned_vs_best_static_goodput'])}"]
     for ref in (*REFERENCES, "table-fitted", "table-user"):
         key = f"learned_vs_{ref}_goodput"
         if key in o:
             md.append(f"- learned / {ref} goodput (geometric mean over loads): {_fmt(o[key])}")
-    md += ["", "| load | learned/oracle goodput | learned/oracle latency | best static | learned/best static |",
-           "|---|---|---|---|---|"]
+    md += ["", "| load | learned/oracle goodput | learned/oracle latency | learned/oracle-ev goodput | "
+           "learned/oracle-ev latency | best static | learned/best static |", "|---|---|---|---|---|---|---|"]
     for s, r in rat["by_load"].items():
         md.append(f"| x{s:g} | {_fmt(r['learned_vs_oracle_goodput'])} | {_fmt(r['learned_vs_oracle_latency'])} | "
+                  f"{_fmt(r.get('learned_vs_oracle_ev_goodput'))} | {_fmt(r.get('learned_vs_oracle_ev_latency'))} | "
                   f"{r['best_static']} | {_fmt(r['learned_vs_best_static_goodput'])} |")
     md += ["", "## k by batch size (learned vs oracle)", "",
            "| batch | learned mean k | learned width | oracle mean k | oracle width |", "|---|---|---|---|---|"]

@@ -6,8 +6,8 @@ import pytest
 from envs.scenario import Scenario
 from envs.spec_env import SpecDecodeEnv
 from envs.trace import load_trace
-from policies.baselines import (BatchTable, EmaAdaptive, GoodputGreedy, HindsightOracle, NightjarBandit, Off,
-                                StaticK, baseline_suite)
+from policies.baselines import (BatchTable, EmaAdaptive, ExpectedOracle, GoodputGreedy, HindsightOracle,
+                                NightjarBandit, Off, StaticK, baseline_suite)
 from policies.evaluate import evaluate, held_out_windows, summarise
 
 
@@ -20,7 +20,7 @@ def test_suite_has_every_baseline(drift):
     env = SpecDecodeEnv(drift, window_s=10.0)
     names = [p.name for p in baseline_suite(env, user_table=[[1, 8, 3]])]
     assert names == ["off", "static-k1", "static-k2", "static-k3", "static-k4", "table-user", "nightjar", "ema",
-                     "goodput-greedy", "oracle"]
+                     "goodput-greedy", "oracle-ev", "oracle"]
 
 
 def test_same_windows_for_all_and_oracle_is_the_ceiling(drift):
@@ -38,6 +38,16 @@ def test_same_windows_for_all_and_oracle_is_the_ceiling(drift):
         assert rs["goodput-greedy"].goodput_tps > rs["off"].goodput_tps  # light load: speculation pays
     s = summarise(res)
     assert set(s) == {"off", "static-k2", "nightjar", "ema", "goodput-greedy", "oracle"}
+
+
+def test_expected_value_oracle_sits_between_the_causal_policies_and_the_hindsight_oracle(drift):
+    """Under drift it knows the true acceptance of the moment: at least as good as greedy on an
+    estimate, and below the oracle that also knows each step's draws."""
+    res = evaluate([StaticK(2), GoodputGreedy(), ExpectedOracle(), HindsightOracle()], drift, [(0.5, 100.0)],
+                   window_s=60.0)
+    g = {r.policy: r.goodput_tps for r in res}
+    assert g["oracle-ev"] >= 0.995 * max(g["goodput-greedy"], g["static-k2"])
+    assert g["oracle"] > g["oracle-ev"]
 
 
 def test_batch_table_lookup_and_validation(drift):
