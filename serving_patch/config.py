@@ -9,7 +9,10 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER_REFRESH_S``       how often the background thread refreshes the table (0.02)
 ``SPEC_CONTROLLER_MAX_AGE_S``       a table older than this is not used: static fallback (30)
 ``SPEC_CONTROLLER_RELOAD_S``        how often a policy file is checked for a new version (2)
-``SPEC_CONTROLLER_EXPLORE``         probability of a uniformly random k per step (0; recording)
+``SPEC_CONTROLLER_EXPLORE``         fraction of steps on a uniformly random k (0; recording)
+``SPEC_CONTROLLER_EXPLORE_HOLD``    steps a random k is held once drawn (1); > 1 makes each
+                                  random k draft *and* verify at that k, so recorded step
+                                  times belong to one k (vLLM verifies a step late)
 ``SPEC_CONTROLLER_SEED``            seed of the exploration draws (0)
 ``SPEC_CONTROLLER_ENGINE_ID``       engine id reported to the sidecar (``engine-<pid>``)
 ``SPEC_TRACE_OUT``                  write a ``spec-trace/1`` trace of every step to this file
@@ -90,6 +93,7 @@ class PluginConfig:
     max_age_s: float = 30.0
     reload_s: float = 2.0
     explore: float = 0.0
+    explore_hold: int = 1
     seed: int = 0
     engine_id: str = ""
     trace_out: str | None = None
@@ -147,6 +151,7 @@ class PluginConfig:
             max_age_s=_float(env, "SPEC_CONTROLLER_MAX_AGE_S", 30.0, 1e-3, 1e6),
             reload_s=_float(env, "SPEC_CONTROLLER_RELOAD_S", 2.0, 0.05, 1e6),
             explore=_float(env, "SPEC_CONTROLLER_EXPLORE", 0.0, 0.0, 1.0),
+            explore_hold=_int(env, "SPEC_CONTROLLER_EXPLORE_HOLD", 1, 1),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",
             trace_out=env.get("SPEC_TRACE_OUT") or None,

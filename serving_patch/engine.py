@@ -27,7 +27,8 @@ METHODS = ("none", "ngram", "draft_model")
 
 _PLUGIN_VARS = ("SPEC_CONTROLLER", "SPEC_CONTROLLER_FALLBACK_K", "SPEC_CONTROLLER_REFRESH_S",
                 "SPEC_CONTROLLER_MAX_AGE_S", "SPEC_CONTROLLER_RELOAD_S", "SPEC_CONTROLLER_EXPLORE",
-                "SPEC_CONTROLLER_SEED", "SPEC_CONTROLLER_ENGINE_ID", "SPEC_TRACE_OUT", "SPEC_TRACE_NOTES")
+                "SPEC_CONTROLLER_EXPLORE_HOLD", "SPEC_CONTROLLER_SEED", "SPEC_CONTROLLER_ENGINE_ID", "SPEC_TRACE_OUT",
+                "SPEC_TRACE_NOTES")
 
 
 def engine_defaults(kv_cache_gib: int = 2) -> None:
@@ -76,11 +77,13 @@ def speculative_config(spec: EngineSpec, draft_path: str | None) -> dict[str, An
 
 @contextlib.contextmanager
 def plugin_env(controller: str | None = None, *, trace_out: str | None = None, explore: float = 0.0,
+               explore_hold: int = 1,
                fallback_k: int | None = None, seed: int | None = None, refresh_s: float | None = None,
                reload_s: float | None = None, notes: str | None = None) -> Iterator[None]:
     """Set the plugin's variables (and clear the others) for the body of the ``with``."""
     values = {"SPEC_CONTROLLER": controller, "SPEC_TRACE_OUT": trace_out,
               "SPEC_CONTROLLER_EXPLORE": str(explore) if explore else None,
+              "SPEC_CONTROLLER_EXPLORE_HOLD": str(explore_hold) if explore and explore_hold > 1 else None,
               "SPEC_CONTROLLER_FALLBACK_K": None if fallback_k is None else str(fallback_k),
               "SPEC_CONTROLLER_SEED": None if seed is None else str(seed),
               "SPEC_CONTROLLER_REFRESH_S": None if refresh_s is None else str(refresh_s),
@@ -122,7 +125,8 @@ def _llvmlite_scan_workaround() -> None:
 
 
 def make_llm(target: str, draft: str | None, spec: EngineSpec, *, controller: str | None = None,
-             trace_out: str | None = None, explore: float = 0.0, fallback_k: int | None = None,
+             trace_out: str | None = None, explore: float = 0.0, explore_hold: int = 1,
+             fallback_k: int | None = None,
              seed: int = 0, refresh_s: float | None = None, reload_s: float | None = None,
              notes: str | None = None, log_stats: bool = True, **llm_kwargs: Any):
     """A ``vllm.LLM`` for ``target`` with the plugin configured as given (None = inert)."""
@@ -134,7 +138,8 @@ def make_llm(target: str, draft: str | None, spec: EngineSpec, *, controller: st
 
         install()
     _llvmlite_scan_workaround()
-    with plugin_env(controller, trace_out=trace_out, explore=explore, fallback_k=fallback_k, seed=seed,
+    with plugin_env(controller, trace_out=trace_out, explore=explore, explore_hold=explore_hold,
+                    fallback_k=fallback_k, seed=seed,
                     refresh_s=refresh_s, reload_s=reload_s, notes=notes):
         return LLM(model=str(target), speculative_config=speculative_config(spec, draft), dtype="float32",
                    max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs, enforce_eager=True,

@@ -126,7 +126,9 @@ class StepController:
         self._cycle: tuple[int, ...] = ()
         self._i = 0
         self._rng = random.Random(cfg.seed)
-        self._explore = cfg.explore if self.max_k > 0 else 0.0
+        self._hold = cfg.explore_hold
+        self._hold_k = self._hold_left = 0
+        self.set_explore(cfg.explore)
         self.version = "fallback"
         # counters (each written by one thread)
         self.steps = 0
@@ -208,9 +210,15 @@ class StepController:
                     self.fb_expired += 1
                 table = self._table
                 k = table[batch_size] if batch_size < len(table) else table[-1]
-            if self._explore and self._rng.random() < self._explore:
-                k = self._rng.randint(0, self.max_k)
-                self.explored += 1
+            if self._explore:
+                if self._hold_left:
+                    self._hold_left -= 1
+                    k = self._hold_k
+                    self.explored += 1
+                elif self._rng.random() < self._explore_p:
+                    k = self._hold_k = self._rng.randint(0, self.max_k)
+                    self._hold_left = self._hold - 1
+                    self.explored += 1
         except Exception:  # noqa: BLE001 -- never fail a step
             self.hook_errors += 1
             k = self.fallback_k
@@ -382,7 +390,8 @@ class StepController:
         src = self.config.source
         parts = [f"spec-controller plugin; controller {src[0] + ':' + src[1] if src else 'vllm'}"]
         if self._explore:
-            parts.append(f"explore {self._explore:g} (uniform k in 0..{self.max_k})")
+            parts.append(f"explore {self._explore:g} (uniform k in 0..{self.max_k}"
+                         + (f", held {self._hold} steps)" if self._hold > 1 else ")"))
         if notes:
             parts.append(notes)
         header = {**self._header_base, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -428,6 +437,10 @@ class StepController:
         if not 0 <= rate <= 1:
             raise ValueError(f"explore rate must be in [0, 1], got {rate}")
         self._explore = rate if self.max_k > 0 else 0.0
+        # a draw starts a hold of H steps: start with p so that the fraction of explored steps is ``rate``
+        h, f = self._hold, self._explore
+        self._explore_p = f / (h - f * (h - 1)) if f < 1 else 1.0
+        self._hold_left = 0
 
     def reset_counters(self) -> None:
         """Zero the step and overhead counters (benchmarks measure one configuration at a time)."""

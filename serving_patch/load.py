@@ -70,13 +70,16 @@ def synth_prompts(ids: Sequence[int], lengths: Sequence[int], seed: int = 0) -> 
 
 
 def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = None,
-             progress: Callable[[int], None] | None = None, max_wall_s: float | None = None) -> LoadResult:
+             progress: Callable[[int], None] | None = None, max_wall_s: float | None = None,
+             submit_s: float | None = None) -> LoadResult:
     """Run ``requests`` through ``llm`` (greedy, ``ignore_eos``) and time them.
 
     Open loop (``concurrency=None``): request i is added at ``arrival_s`` after the start;
     latency = finish - arrival.  Closed loop: ``concurrency`` requests in flight, the next
     added when one finishes; latency = finish - submission.  ``progress(n)`` is called with
-    the number of newly finished requests.  ``max_wall_s`` aborts what is left after that long.
+    the number of newly finished requests.  ``max_wall_s`` aborts what is left after that long;
+    ``submit_s`` (closed loop) stops adding requests after that long and lets the ones in
+    flight finish (the batch drains, so a sweep also sees the smaller batch sizes).
     """
     from vllm import SamplingParams
 
@@ -92,6 +95,8 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
             for rid in list(submitted):
                 engine.abort_request([rid])
             break
+        if submit_s is not None and now > submit_s and concurrency is not None:
+            reqs = reqs[:nxt]  # no more submissions: drain
         while nxt < len(reqs) and (reqs[nxt].arrival_s <= now if concurrency is None
                                    else len(submitted) < concurrency):
             r = reqs[nxt]

@@ -12,10 +12,20 @@ on a 2-core CPU, so prompt and output lengths are scaled (``--prompt-scale``,
 ``--output-scale``) and clipped to the model's context; the scaled sizes are what the
 trace's request records say.  Prompts are corpus windows of exactly those lengths.
 
+``--concurrency C1 C2 ...`` records a closed-loop sweep instead (what ``bench/bench_engine.py``
+runs): for ``--duration-s`` at each level, that many requests in flight, the next sent when
+one finishes, then the batch drains before the next level; request sizes are the Azure
+window's (scaled the same way) in order, and each request's arrival is its submission time.
+A sweep covers every batch size up to the largest level densely, which the open-loop replay
+of a light trace does not.
+
 The engine runs with the plugin recording (``SPEC_TRACE_OUT``) and a controller choosing k
 (default ``static:<max_k>``) with exploration (``--explore``, a uniformly random k with that
 probability each step), so the recorded trace shows the cost and acceptance of every k at
-every load -- what ``train-controller`` needs.
+every load -- what ``train-controller`` needs.  vLLM verifies a step's drafts one step
+later, so a step's time covers the verification at the previous step's k and the drafting
+at this step's; ``--explore-hold`` (default 8) keeps each random k for that many steps so
+most recorded steps draft and verify at one k.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ __all__ = ["main", "record"]
 def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 0.2, start_s: float = 0.0,
            duration_s: float = 60.0, prompt_scale: float = 0.125, output_scale: float = 0.5,
            max_prompt_tokens: int = 384, max_output_tokens: int = 128, controller: str | None = None,
-           explore: float = 0.3, max_num_seqs: int = 32, seed: int = 0, models_dir: str | None = None,
-           azure_csv: str | None = None, progress: bool = True, log=print) -> dict:
+           explore: float = 0.3, explore_hold: int = 8, max_num_seqs: int = 32, seed: int = 0,
+           models_dir: str | None = None, azure_csv: str | None = None, progress: bool = True,
+           concurrency: list[int] | None = None, log=print) -> dict:
     """Record one trace; returns a summary (requests, steps, wall time, the controller's stats)."""
     import numpy as np
 
@@ -50,8 +61,12 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
         raise ValueError(f"--prompt-scale and --output-scale must be in (0, 1], got {prompt_scale}, {output_scale}")
     pair = build_tiny_models(models_dir, log_fn=log)
     spec = EngineSpec(method=method, max_k=max_k, max_num_seqs=max_num_seqs)
-    load = read_azure_csv(azure_csv or DEFAULT_AZURE_CSV, time_scale=time_scale, start_s=start_s,
-                          duration_s=duration_s * time_scale)
+    if concurrency is not None and (not concurrency or min(concurrency) < 1 or max(concurrency) > max_num_seqs):
+        raise ValueError(f"--concurrency levels must be in [1, --max-num-seqs={max_num_seqs}], got {concurrency}")
+    # a sweep needs sizes for many requests: a long window of the original timeline, sizes only
+    window = 7200.0 if concurrency else duration_s * time_scale
+    load = read_azure_csv(azure_csv or DEFAULT_AZURE_CSV, time_scale=1.0 if concurrency else time_scale,
+                          start_s=start_s, duration_s=window)
     if not len(load.arrival_s):
         raise ValueError(f"the Azure window start_s={start_s}, duration {duration_s * time_scale:g} s (original "
                          f"timeline) holds no request")
@@ -64,31 +79,60 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     reqs = [LoadRequest(f"r{i}", float(a), p, int(o)) for i, (a, p, o) in
             enumerate(zip(load.arrival_s, prompts, outs))]
     controller = controller or f"static:{max_k}"
-    notes = (f"record-trace: Azure conv window {start_s:g}+{duration_s * time_scale:g} s at x{time_scale:g}, "
-             f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
+    sizes = (f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
              f"{AZURE_ATTRIBUTION}")
-    log(f"recording {len(reqs)} requests ({method}, max_k={max_k}, x{time_scale:g}, {duration_s:g} s, controller "
-        f"{controller}, explore {explore:g}) -> {out}")
+    if concurrency:
+        notes = (f"record-trace: closed-loop sweep, concurrency {','.join(map(str, concurrency))} for "
+                 f"{duration_s:g} s each; request sizes from the Azure conv window from {start_s:g} s, {sizes}")
+        what = f"closed loop at concurrency {','.join(map(str, concurrency))}, {duration_s:g} s each"
+    else:
+        notes = f"record-trace: Azure conv window {start_s:g}+{duration_s * time_scale:g} s at x{time_scale:g}, {sizes}"
+        what = f"{len(reqs)} requests, x{time_scale:g}, {duration_s:g} s"
+    log(f"recording {method} (max_k={max_k}, {what}, controller {controller}, explore {explore:g} held "
+        f"{explore_hold}) -> {out}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     llm = make_llm(pair.target, pair.draft, spec, controller=controller, trace_out=str(out), explore=explore,
-                   seed=seed, notes=notes)
+                   explore_hold=explore_hold, seed=seed, notes=notes)
     from serving_patch.engine_hook import controllers
 
     ctl = controllers()[-1]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(reqs), unit="req", desc=f"{method} x{time_scale:g}", file=sys.stderr)
     t0 = time.perf_counter()
-    res = run_load(llm, reqs, progress=bar.update if bar else None, max_wall_s=duration_s * 4 + 120)
-    if bar:
-        bar.close()
+    if concurrency:
+        results, used = [], 0
+        for c in concurrency:
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(unit="req", desc=f"{method} c={c}", file=sys.stderr)
+            level = [r for i, r in enumerate(reqs[used:] + reqs[:used]) if i < 4096]
+            res = run_load(llm, level, concurrency=c, submit_s=duration_s, max_wall_s=duration_s * 4 + 120,
+                           progress=bar.update if bar else None)
+            used = (used + res.finished) % len(reqs)
+            results.append(res)
+            if bar:
+                bar.close()
+        res = results[0]
+        for r in results[1:]:
+            res.wall_s += r.wall_s
+            res.output_tokens += r.output_tokens
+            res.latencies_s += r.latencies_s
+            res.finished += r.finished
+    else:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(reqs), unit="req", desc=f"{method} x{time_scale:g}", file=sys.stderr)
+        res = run_load(llm, reqs, progress=bar.update if bar else None, max_wall_s=duration_s * 4 + 120)
+        if bar:
+            bar.close()
     stats = ctl.stats()
     ctl.close()
     del llm
     trace = load_trace(out)
-    summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1), "requests": len(reqs),
+    summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1),
+               "requests": res.finished if concurrency else len(reqs),
                "finished": res.finished, "tokens_per_s": round(res.tokens_per_s, 1),
                "mean_latency_s": round(res.mean_latency_s, 3), "trace": trace.summary(),
                "controller": {k: stats[k] for k in ("steps", "explored", "fallbacks", "errors", "hook_us_per_step",
@@ -112,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output-tokens", type=int, default=128)
     ap.add_argument("--controller", default=None,
                     help="SPEC_CONTROLLER for the recording engine (default static:<max-k>); see serving_patch.config")
-    ap.add_argument("--explore", type=float, default=0.3, help="probability of a uniformly random k per step")
+    ap.add_argument("--explore", type=float, default=0.3, help="fraction of steps on a uniformly random k")
+    ap.add_argument("--explore-hold", type=int, default=8,
+                    help="steps each random k is held (so a step drafts and verifies at one k; default 8)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="record a closed-loop sweep at these concurrency levels (--duration-s each) instead of "
+                         "replaying the arrivals")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", default=None, help="tiny model cache (default $SPEC_MODELS_DIR)")
@@ -124,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                          start_s=args.start_s, duration_s=args.duration_s, prompt_scale=args.prompt_scale,
                          output_scale=args.output_scale, max_prompt_tokens=args.max_prompt_tokens,
                          max_output_tokens=args.max_output_tokens, controller=args.controller, explore=args.explore,
+                         explore_hold=args.explore_hold, concurrency=args.concurrency,
                          max_num_seqs=args.max_num_seqs, seed=args.seed, models_dir=args.models_dir,
                          azure_csv=args.azure_csv, progress=not args.no_progress,
                          log=lambda m: print(m, file=sys.stderr, flush=True))

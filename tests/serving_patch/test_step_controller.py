@@ -80,6 +80,27 @@ def test_exploration_draws_every_k_reproducibly():
     assert seen[0] == seen[1] and set(seen[0]) == set(range(MAX_K + 1))
 
 
+def test_exploration_hold_keeps_each_random_k_for_h_steps_at_the_same_explored_fraction():
+    ctl, sched = make({"SPEC_CONTROLLER": "static:0", "SPEC_CONTROLLER_EXPLORE": "0.3",
+                       "SPEC_CONTROLLER_EXPLORE_HOLD": "6", "SPEC_CONTROLLER_SEED": "1"})
+    try:
+        ks = [sched.dynamic_sd_lookup[4] for _ in range(30000)]
+        frac = ctl.explored / len(ks)
+        assert 0.27 < frac < 0.33, frac  # the rate is the fraction of steps, whatever the hold
+        # runs of a non-zero k are whole holds (a draw of 0 or two adjacent draws of one k merge them)
+        runs, cur, n = [], None, 0
+        for k in ks:
+            if k == cur:
+                n += 1
+            else:
+                if cur:
+                    runs.append(n)
+                cur, n = k, 1
+        assert runs and min(runs) >= 6 and all(r % 6 == 0 for r in runs)
+    finally:
+        ctl.close()
+
+
 def test_cycle_flips_every_step():
     ctl, sched = make({"SPEC_CONTROLLER": "cycle:0,4"})
     assert [sched.dynamic_sd_lookup[3] for _ in range(5)] == [0, 4, 0, 4, 0]
