@@ -18,7 +18,9 @@ every configuration pays the same prefill), tokens/s and mean request latency fo
   scales 0.1-1 of the busiest recorded trace, i.e. the recorded x0.06-x0.6 range).
 
 The speculative configurations run on one engine (the controller's source is switched with
-``StepController.set_source``), so they differ in k only.  Also measured: the per-step
+``StepController.set_source``), so they differ in k only; they are measured ``--repeats`` times
+(default 2) in alternating order and averaged, so slow drift in the machine does not favour
+whichever ran first.  Also measured: the per-step
 decision cost (``ControlledLookup.__getitem__``) and the whole hook against the step time, the
 recorder's cost (its own time per step, and an A/B of the same configuration with and
 without recording), and with ``draft_model`` the k = 0 drafter tax (``off (ctl)`` / ``no-spec``).
@@ -87,7 +89,8 @@ def run_level(llm, c, prompts, max_tokens, offset):
     return res.tokens_per_s, res.mean_latency_s
 
 
-def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int) -> dict:
+def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int,
+                 repeats: int = 1) -> dict:
     from serving_patch import controllers
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -120,13 +123,19 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     ctl = controllers()[-1]
     run_level(llm, 2, prompts, 8, 0)
     overhead = {}
-    for name, src in [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
-            ("learned", f"embedded:{policy}")]:
-        ctl.set_source(src)
-        ctl.reset_counters()
-        measure(name, llm)
-        st = ctl.stats()
-        overhead[name] = (st["choose_us_per_step"], st["hook_us_per_step"], st["mean_step_ms"], st["steps"])
+    configs = [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
+        ("learned", f"embedded:{policy}")]
+    runs: dict[str, list[dict[int, tuple[float, float]]]] = {}
+    for rep in range(repeats):  # rounds in alternating order, so drift in the machine hits every config alike
+        for name, src in (configs if rep % 2 == 0 else configs[::-1]):
+            ctl.set_source(src)
+            ctl.reset_counters()
+            measure(name, llm)
+            runs.setdefault(name, []).append(rows[name])
+            st = ctl.stats()
+            overhead[name] = (st["choose_us_per_step"], st["hook_us_per_step"], st["mean_step_ms"], st["steps"])
+    for name, rs in runs.items():
+        rows[name] = {c: (sum(r[c][0] for r in rs) / len(rs), sum(r[c][1] for r in rs) / len(rs)) for c in levels}
 
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
     ctl.set_source("static:2")
@@ -183,6 +192,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
     args = ap.parse_args()
     engine_defaults()
     import numpy as np
@@ -201,7 +212,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp))
-            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens)
+            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens, args.repeats)
             report(method, args.concurrency, res)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0

@@ -134,6 +134,7 @@ class SidecarClient:
         self._static = Decision.static(c.static[0], c.static[1], max_num_seqs=c.max_num_seqs, version="static")
         self._current: tuple[Decision, float] | None = None  # (table, monotonic time received)
         self._pending: deque[dict] = deque(maxlen=c.max_pending)
+        self._requests: deque[dict] = deque(maxlen=c.max_pending)  # finished requests, ride with the steps
         self._wake = threading.Event()
         self._parked = False  # the background thread waits on _wake (set only then: a wake is a syscall)
         self._stop = threading.Event()
@@ -143,6 +144,7 @@ class SidecarClient:
         # counters: each written by one thread only (fallbacks/dropped: step thread; the rest: background)
         self._fb_no_decision = self._fb_stale = self._fb_expired = 0
         self._dropped = 0           # step thread: appends to a full queue
+        self._dropped_requests = 0  # step thread: request records beyond a full queue
         self._requeue_dropped = 0   # background thread: a failed batch that no longer fits back
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._calls_ok = 0
@@ -179,6 +181,13 @@ class SidecarClient:
         if self._parked:
             self._wake.set()
 
+    def record_request(self, record: dict[str, Any]) -> None:
+        """Queue a finished request's ``spec-trace/1`` request fields (arrival order, the steps' clock);
+        they go with the next call, so the sidecar's recording replays the load.  Never blocks."""
+        if len(self._requests) == self._requests.maxlen:
+            self._dropped_requests += 1
+        self._requests.append(record)
+
     @property
     def decision(self) -> Decision:
         """The table :meth:`lookup` would use now (the static one when none is usable)."""
@@ -214,6 +223,7 @@ class SidecarClient:
                 "fallbacks": {"no_decision": self._fb_no_decision, "stale": self._fb_stale,
                               "expired": self._fb_expired},
                 "dropped_steps": self._dropped + self._requeue_dropped, "pending": len(self._pending),
+                "dropped_requests": self._dropped_requests, "pending_requests": len(self._requests),
                 "version": cur[0].version if cur else None,
                 "age_s": None if cur is None else time.monotonic() - cur[1]}
 
@@ -244,12 +254,13 @@ class SidecarClient:
                 if self._stop.is_set():
                     break
             batch = [self._pending.popleft() for _ in range(min(c.max_batch, len(self._pending)))]
+            reqs = [self._requests.popleft() for _ in range(min(c.max_batch, len(self._requests)))]
             cur = self._current
             if batch:
                 last_step = time.monotonic()
-            elif cur is not None and time.monotonic() - cur[1] < refresh:
+            elif cur is not None and time.monotonic() - cur[1] < refresh and not reqs:
                 continue
-            ok, retry = self._call(batch)
+            ok, retry = self._call(batch, reqs)
             if ok:
                 backoff = c.backoff_s[0]
                 continue
@@ -258,16 +269,23 @@ class SidecarClient:
                 keep = batch[-room:] if room else []
                 self._requeue_dropped += len(batch) - len(keep)
                 self._pending.extendleft(reversed(keep))
+            if retry and reqs:
+                room = self._requests.maxlen - len(self._requests)
+                keep = reqs[-room:] if room else []
+                self._dropped_requests += len(reqs) - len(keep)
+                self._requests.extendleft(reversed(keep))
             self._stop.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, c.backoff_s[1])
 
-    def _payload(self, batch: list[dict]) -> tuple[bytes, dict[str, int]]:
+    def _payload(self, batch: list[dict], reqs: list[dict] | None = None) -> tuple[bytes, dict[str, int]]:
         c = self.config
         totals = {"no_decision": self._fb_no_decision, "stale": self._fb_stale, "expired": self._fb_expired,
                   **{f"err:{k}": v for k, v in self._errors.items()},
                   "dropped": self._dropped + self._requeue_dropped}
         delta = {k: v - self._reported.get(k, 0) for k, v in totals.items()}
         body: dict[str, Any] = {"engine_id": c.engine_id, "steps": batch}
+        if reqs:
+            body["requests"] = reqs
         if c.max_k is not None:
             body["max_k"] = c.max_k
         if c.widths is not None:
@@ -278,10 +296,10 @@ class SidecarClient:
                               "dropped_steps": delta["dropped"]}
         return json.dumps(body, separators=(",", ":")).encode(), totals
 
-    def _call(self, batch: list[dict]) -> tuple[bool, bool]:
+    def _call(self, batch: list[dict], reqs: list[dict] | None = None) -> tuple[bool, bool]:
         """One POST; returns (succeeded, safe to resend the batch)."""
         try:
-            body, totals = self._payload(batch)
+            body, totals = self._payload(batch, reqs)
         except (TypeError, ValueError) as exc:  # a record that is not JSON: drop it, say why once
             log.error("sidecar client: cannot encode step records (%s); dropping %d", exc, len(batch))
             return False, False

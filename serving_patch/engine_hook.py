@@ -46,7 +46,7 @@ from typing import Any
 
 from controller.artifact import Decision
 from serving_patch.config import PluginConfig
-from serving_patch.recorder import TraceRecorder
+from serving_patch.recorder import RequestOrder, TraceRecorder
 from serving_patch.sources import DecisionSource, EngineSnapshot, make_source
 
 __all__ = ["ControlledLookup", "StepController", "controllers", "install"]
@@ -112,6 +112,8 @@ class StepController:
     def __init__(self, scheduler: Any, config: PluginConfig):
         self.config = cfg = config
         self.created = _mono()
+        self.created_wall = time.time()  # vLLM's Request.arrival_time is wall-clock
+        self._requests = RequestOrder()  # finished requests in arrival order, for the source (sidecar recording)
         vcfg = scheduler.vllm_config
         spec = vcfg.speculative_config
         self.max_k = int(getattr(scheduler, "num_spec_tokens", 0) or 0)
@@ -311,10 +313,18 @@ class StepController:
         self._prefill_pending += n
         if self.recorder is not None:
             self.recorder.arrived(str(request.request_id), float(request.arrival_time), n, request)
+        if self.source is not None and self.source.wants_requests:
+            self._requests.arrived(str(request.request_id), float(request.arrival_time) - self.created_wall, n)
 
     def on_free(self, request: Any) -> None:
+        now = _mono()
         if self.recorder is not None:
-            self.recorder.finished(str(request.request_id), int(request.num_output_tokens), _mono())
+            self.recorder.finished(str(request.request_id), int(request.num_output_tokens), now)
+        src = self.source
+        if src is not None and src.wants_requests:
+            for rec in self._requests.finished(str(request.request_id), int(request.num_output_tokens),
+                                               now - self.created):
+                src.on_request(rec)
 
     # ------------------------------------------------------------------ background
     def _run(self) -> None:

@@ -30,9 +30,66 @@ from typing import Any
 
 from envs.trace import TraceWriter
 
-__all__ = ["TraceRecorder"]
+__all__ = ["RequestOrder", "TraceRecorder"]
 
 log = logging.getLogger(__name__)
+
+
+class RequestOrder:
+    """Finished requests released in arrival order: a request's record is ready once every
+    earlier arrival has finished (``spec-trace/1`` wants request records in arrival order, with
+    their output size).  Used by the recorder and, for the sidecar, by the step controller.
+
+        >>> o = RequestOrder()
+        >>> o.arrived("a", 1.0, 10); o.arrived("b", 2.0, 5)
+        >>> o.finished("b", 3, 4.0)
+        []
+        >>> [r["id"] for r in o.finished("a", 7, 5.0)]
+        ['a', 'b']
+    """
+
+    def __init__(self):
+        # id -> [arrival_s, prompt, output, finish_s | None, request | None]
+        self._pending: OrderedDict[str, list] = OrderedDict()
+        self._last_arrival = 0.0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def arrived(self, request_id: str, arrival_s: float, prompt_tokens: int, request: Any = None) -> None:
+        """``request`` (vLLM's Request, optional) lets :meth:`drain` read the output size of unfinished ones."""
+        arrival = max(self._last_arrival, arrival_s, 0.0)  # arrival order = add order
+        self._last_arrival = arrival
+        self._pending[request_id] = [arrival, max(1, int(prompt_tokens)), 0, None, request]
+
+    def finished(self, request_id: str, output_tokens: int, finish_s: float) -> list[dict[str, Any]]:
+        entry = self._pending.get(request_id)
+        if entry is None:
+            return []
+        entry[2] = int(output_tokens)
+        entry[3] = max(entry[0], finish_s)
+        entry[4] = None
+        return self.drain()
+
+    def drain(self, final: bool = False) -> list[dict[str, Any]]:
+        """The records ready now (``final``: every one, unfinished ones with the tokens they have)."""
+        pending, out = self._pending, []
+        while pending:
+            rid, (arrival, prompt, output, finish, req) = next(iter(pending.items()))
+            if finish is None and not final:
+                break
+            del pending[rid]
+            if finish is None and req is not None:
+                output = int(getattr(req, "num_output_tokens", 0) or 0)
+            if output < 1:
+                self.dropped += 1
+                continue
+            rec = {"id": rid, "arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output}
+            if finish is not None:
+                rec["finish_s"] = finish
+            out.append(rec)
+        return out
 
 
 class TraceRecorder:
@@ -41,13 +98,10 @@ class TraceRecorder:
         self._writer = TraceWriter(path, max_k=max(1, max_k), widths=[1], source="recorded", **header)
         self._t0_mono: float | None = None
         self._t0_wall: float | None = None
-        # id -> [arrival_s, prompt, output, finish_s | None, request | None]
-        self._pending: OrderedDict[str, list] = OrderedDict()
-        self._last_arrival = 0.0
+        self._order = RequestOrder()
         self._last_t = 0.0
         self.steps = 0
         self.requests = 0
-        self.dropped_requests = 0
         self.errors = 0
         self.ns = 0  # time spent in this recorder (step path), for the overhead figure
         self.closed = False
@@ -68,36 +122,21 @@ class TraceRecorder:
         if self.closed:
             return
         self._origin()
-        arrival = max(self._last_arrival, arrival_wall - self._t0_wall, 0.0)  # arrival order = add order
-        self._last_arrival = arrival
-        self._pending[request_id] = [arrival, max(1, int(prompt_tokens)), 0, None, request]
+        self._order.arrived(request_id, arrival_wall - self._t0_wall, prompt_tokens, request)
 
     def finished(self, request_id: str, output_tokens: int, now_mono: float) -> None:
-        entry = self._pending.get(request_id)
-        if entry is None or self.closed:
+        if self.closed:
             return
-        entry[2] = int(output_tokens)
-        entry[3] = max(entry[0], self.rel_mono(now_mono))
-        entry[4] = None
-        self._flush_finished()
+        self._write_requests(self._order.finished(request_id, output_tokens, self.rel_mono(now_mono)))
 
-    def _flush_finished(self, final: bool = False) -> None:
-        pending = self._pending
-        while pending:
-            rid, (arrival, prompt, output, finish, req) = next(iter(pending.items()))
-            if finish is None and not final:
-                return
-            del pending[rid]
-            if finish is None and req is not None:
-                output = int(getattr(req, "num_output_tokens", 0) or 0)
-            if output < 1:
-                self.dropped_requests += 1
-                continue
-            rec = {"id": rid, "arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output}
-            if finish is not None:
-                rec["finish_s"] = finish
+    def _write_requests(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
             self._guard(self._writer.request, rec)
             self.requests += 1
+
+    @property
+    def dropped_requests(self) -> int:
+        return self._order.dropped
 
     def step(self, rec: dict[str, Any]) -> None:
         """Write one step (``rec`` holds every required ``step`` field; ``t_s`` relative already)."""
@@ -123,7 +162,7 @@ class TraceRecorder:
         if self.closed:
             return
         if flush:
-            self._flush_finished(final=True)
+            self._write_requests(self._order.drain(final=True))
         self.closed = True
         try:
             self._writer.close()
@@ -134,4 +173,4 @@ class TraceRecorder:
     def stats(self) -> dict[str, Any]:
         return {"path": self.path, "steps": self.steps, "requests": self.requests,
                 "dropped_requests": self.dropped_requests, "errors": self.errors, "closed": self.closed,
-                "pending_requests": len(self._pending)}
+                "pending_requests": len(self._order)}

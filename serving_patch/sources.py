@@ -65,12 +65,16 @@ def dense_table(rows: list[tuple[int, int, int]], max_num_seqs: int) -> Decision
 
 class DecisionSource:
     name = "source"
+    wants_requests = False  # whether on_request should be fed (finished requests, arrival order)
 
     def poll(self, snapshot: EngineSnapshot) -> Decision | None:
         raise NotImplementedError
 
     def on_step(self, record: dict[str, Any]) -> None:
         pass
+
+    def on_request(self, record: dict[str, Any]) -> None:
+        """A finished request's ``spec-trace/1`` request fields, in arrival order (step path: enqueue only)."""
 
     def close(self) -> None:
         pass
@@ -192,8 +196,13 @@ class SidecarSource(DecisionSource):
                                                  static=(min(fallback_k, max_k), 1), max_num_seqs=max_num_seqs,
                                                  max_age_s=max(max_age_s, 1.0)))
 
+    wants_requests = True  # the sidecar records them beside the steps, so its recordings replay the load
+
     def on_step(self, record: dict[str, Any]) -> None:
         self.client.record_step(record)
+
+    def on_request(self, record: dict[str, Any]) -> None:
+        self.client.record_request(record)
 
     def poll(self, snapshot: EngineSnapshot) -> Decision | None:
         st = self.client.stats()

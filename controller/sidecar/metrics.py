@@ -108,8 +108,10 @@ class SidecarMetrics:
         self.engines = Gauge(f"{p}_engines_connected", "Engines that called within engine_ttl_s", registry=registry)
         self.recorded_steps = Counter(f"{p}_recorded_steps", "Step records written to spec-trace/1 files",
                                       registry=registry)
-        self.recorder_errors = Counter(f"{p}_recorder_errors", "Step records the recorder could not write",
-                                       registry=registry)
+        self.recorded_requests = Counter(f"{p}_recorded_requests", "Request records written to spec-trace/1 files",
+                                         registry=registry)
+        self.recorder_errors = Counter(f"{p}_recorder_errors", "Step or request records the recorder could not "
+                                       "write", registry=registry)
 
         # children, created now so every fixed series exists from the start
         self._b = {b: (self.steps.labels(b), self.spec_len.labels(b), self.drafts.labels(b),

@@ -8,8 +8,10 @@ files are kept per engine (oldest deleted).  A record the open file cannot take 
 restarted so ``t_s`` went back, or it ran a ``k``/width beyond the header) starts a new
 file with a header that fits.
 
-The files hold step records only (no ``request`` records: the engine does not report
-request arrivals through the decide call); ``source`` is ``"recorded"``.
+Request records come with the decide calls too (``requests``: the engine's finished requests
+in arrival order, on the steps' clock), so a recording replays its load and
+``train-controller`` can train on it directly.  A request whose arrival goes back (engine
+restart) is dropped and counted.  ``source`` is ``"recorded"``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ class TraceRecorder:
                 except (TraceError, OSError) as exc:
                     log.warning("recorder: dropped a step of engine %s: %s", engine_id, exc)
                     failed += 1
+            except OSError as exc:
+                log.warning("recorder: cannot write %s: %s", o.writer.path, exc)
+                failed += 1
+        return failed
+
+    def write_requests(self, engine_id: str, records: list[dict], max_k: int, widths: tuple[int, ...]) -> int:
+        """Write finished requests (arrival order) into the engine's open file; returns how many failed."""
+        o = self._open.get(engine_id)
+        if o is None:
+            o = self._rotate(engine_id, max_k, tuple(sorted(set(widths))))
+        failed = 0
+        for rec in records:
+            try:
+                o.writer.request(**rec)
+                o.lines += 1
+            except TraceError as exc:
+                log.warning("recorder: dropped a request of engine %s: %s", engine_id, exc)
+                failed += 1
             except OSError as exc:
                 log.warning("recorder: cannot write %s: %s", o.writer.path, exc)
                 failed += 1

@@ -66,6 +66,22 @@ class StepRecord(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class RequestRecord(BaseModel):
+    """One finished request: the ``spec-trace/1`` request fields, times on the steps' clock."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    type: Literal["request"] = "request"
+    id: str = Field(min_length=1, max_length=256, description="unique within the engine's trace")
+    arrival_s: float = Field(ge=0, le=1e9, description="when it arrived, on the clock of the steps' t_s")
+    prompt_tokens: int = Field(ge=1, le=BIG)
+    output_tokens: int = Field(ge=1, le=BIG, description="tokens generated for it")
+    finish_s: float | None = Field(None, ge=0, le=1e9, description="when its last token was produced")
+
+    def trace_fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class ClientReport(BaseModel):
     """What the engine-side client counted since its last successful call (deltas)."""
 
@@ -89,6 +105,10 @@ class DecideRequest(BaseModel):
     max_k: int | None = Field(None, ge=1, le=MAX_K, description="largest k the engine runs (its trace header max_k)")
     widths: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = Field(
         None, min_length=1, max_length=16, description="tree widths the engine supports (its trace header widths)")
+    requests: list[RequestRecord] = Field(
+        default_factory=list, max_length=65536,
+        description="requests finished since the last call, in arrival order (recorded with the steps, so the "
+                    "recording replays the load: `train-controller` needs them)")
     client: ClientReport | None = None
 
 

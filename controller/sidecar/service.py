@@ -98,12 +98,20 @@ class SidecarService:
             m.observe_step(s)
         if req.client is not None:
             m.observe_client(req.client)
-        if self.recorder is not None and records:
-            failed = self.recorder.write(req.engine_id, records, entry.max_k or snap.spec.max_k,
-                                         entry.widths or tuple(sorted({w for _, w in snap.artifact.actions})))
-            m.recorded_steps.inc(len(records) - failed)
-            if failed:
-                m.recorder_errors.inc(failed)
+        if self.recorder is not None and (records or req.requests):
+            max_k = entry.max_k or snap.spec.max_k
+            widths = entry.widths or tuple(sorted({w for _, w in snap.artifact.actions}))
+            if records:
+                failed = self.recorder.write(req.engine_id, records, max_k, widths)
+                m.recorded_steps.inc(len(records) - failed)
+                if failed:
+                    m.recorder_errors.inc(failed)
+            if req.requests:
+                failed = self.recorder.write_requests(req.engine_id, [r.trace_fields() for r in req.requests],
+                                                      max_k, widths)
+                m.recorded_requests.inc(len(req.requests) - failed)
+                if failed:
+                    m.recorder_errors.inc(failed)
         fallback, version = None, snap.version
         try:
             runs, action = decide_runs(snap, entry, req.prefill_pending)

@@ -253,3 +253,42 @@ def test_a_broken_recorder_never_reaches_the_engine(tmp_path):
     finish_step(ctl, o, {})
     assert ctl.recorder.errors >= 1 and ctl.recorder.closed and ctl.hook_errors == 0
     ctl.close()
+
+
+class RequestSink(DecisionSource):
+    """A source that wants requests (as the sidecar source does) and keeps what it gets."""
+
+    name = "sink"
+    wants_requests = True
+
+    def __init__(self):
+        self.got = []
+
+    def poll(self, snapshot):
+        return Decision.static(2, max_num_seqs=SEQS, version="sink")
+
+    def on_request(self, record):
+        self.got.append(record)
+
+
+def test_a_source_that_wants_requests_gets_them_in_arrival_order_on_the_step_clock():
+    ctl, sched = make({"SPEC_CONTROLLER": "static:1"})
+    sink = ctl.source = RequestSink()
+    try:
+        now = time.time()
+        a, b = request("a", 5, now + 0.5), request("b", 3, now + 0.6)
+        ctl.on_arrival(a)
+        ctl.on_arrival(b)
+        b.num_output_tokens = 4
+        ctl.on_free(b)
+        assert sink.got == []  # a arrived first and is still running
+        a.num_output_tokens = 7
+        ctl.on_free(a)
+        assert [r["id"] for r in sink.got] == ["a", "b"]
+        ra, rb = sink.got
+        assert (ra["prompt_tokens"], ra["output_tokens"], rb["output_tokens"]) == (5, 7, 4)
+        # the steps' clock (seconds since the controller was created): arrivals ~0.5 s and ~0.6 s
+        assert abs(ra["arrival_s"] - 0.5) < 0.2 and abs(rb["arrival_s"] - ra["arrival_s"] - 0.1) < 1e-6
+        assert ra["finish_s"] >= ra["arrival_s"] and rb["finish_s"] >= rb["arrival_s"]
+    finally:
+        ctl.close()

@@ -86,12 +86,12 @@ def start_sidecar(tmp_path):
     """Factory: start a real sidecar with settings overrides; all are stopped after the test."""
     started: list[ServerThread] = []
 
-    def start(policy: Path | None = None, **overrides) -> Sidecar:
+    def start(policy: Path | None = None, port: int = 0, **overrides) -> Sidecar:
         if policy is None:
             policy = make_policy().save(tmp_path / f"policy{len(started)}" / "policy.json")
         settings = SidecarSettings(policy=policy, **{"watch_interval_s": 0.1, **overrides})
         registry = CollectorRegistry()
-        server = ServerThread(create_app(settings, registry=registry)).start()
+        server = ServerThread(create_app(settings, registry=registry), port=port).start()
         started.append(server)
         return Sidecar(server, settings, registry)
 

@@ -251,3 +251,35 @@ def test_sidecar_killed_mid_run_then_back(tmp_path):
         stop.set()
         client.close()
         proc.stop()
+
+
+def test_finished_requests_ride_with_the_steps_and_survive_an_outage(start_sidecar, tmp_path):
+    """record_request queues request records; they go with the next call, are re-queued when the
+    sidecar refuses the connection, and end up in the sidecar's recording in arrival order."""
+    port = free_port()
+    cfg = ClientConfig(url=f"http://127.0.0.1:{port}", engine_id="rq", max_k=4, widths=(1,), **FAST)
+    steps = random_steps(40, seed=5)
+    with SidecarClient(cfg) as c:
+        for i, s in enumerate(steps[:20]):  # the sidecar is not up yet: refused, kept
+            c.record_step(dict(s, t_s=0.05 * i))
+            if i % 4 == 3:
+                c.record_request({"id": f"r{i}", "arrival_s": 0.01 * i, "prompt_tokens": 9, "output_tokens": 3,
+                                  "finish_s": 0.05 * i})
+        wait_until(lambda: c.stats()["errors"]["connect"] > 0, 5, what="a refused connection")
+        assert c.stats()["pending_requests"] == 5
+        sc = start_sidecar(record_dir=tmp_path / "rec", port=port)
+        for i, s in enumerate(steps[20:], start=20):
+            c.record_step(dict(s, t_s=0.05 * i))
+            if i % 4 == 3:
+                c.record_request({"id": f"r{i}", "arrival_s": 0.01 * i, "prompt_tokens": 9, "output_tokens": 3})
+            time.sleep(0.002)
+        wait_until(lambda: sc.value("spec_controller_recorded_requests_total") == 10, 10,
+                   what="all requests recorded")
+        assert c.stats()["dropped_requests"] == 0
+    sc.server.stop()
+    from envs.trace import load_trace
+
+    (path,) = sorted((tmp_path / "rec" / "rq").glob("*.jsonl"))
+    t = load_trace(path)
+    assert t.n_requests == 10 and t.n_steps == 40
+    assert list(t.requests["arrival_s"]) == sorted(t.requests["arrival_s"])

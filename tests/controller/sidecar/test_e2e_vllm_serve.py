@@ -175,7 +175,8 @@ def test_vllm_serve_asks_the_sidecar_every_step(tmp_path):
     policy = constant_policy(tmp_path / "policy" / "policy.json", POLICY_K)
 
     env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS and k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    sidecar = SidecarProcess(policy, extra_args=("--no-watch",))
+    rec_dir = tmp_path / "recorded"
+    sidecar = SidecarProcess(policy, extra_args=("--no-watch", "--record-dir", str(rec_dir)))
     env.update({
         "SPEC_CONTROLLER": f"sidecar:http://{LOOPBACK}:{sidecar.port}",
         "SPEC_CONTROLLER_ENGINE_ID": ENGINE_ID,
@@ -218,7 +219,8 @@ def test_vllm_serve_asks_the_sidecar_every_step(tmp_path):
             side, vl = scrape()
             ok = (total(vl, "vllm:request_success_total") >= N_REQUESTS
                   and total(side, "spec_controller_draft_tokens_total")
-                  == total(vl, "vllm:spec_decode_num_draft_tokens_total"))
+                  == total(vl, "vllm:spec_decode_num_draft_tokens_total")
+                  and total(side, "spec_controller_recorded_requests_total") >= N_REQUESTS)
             return (side, vl) if ok else None
 
         deadline, got = time.monotonic() + 15.0, None
@@ -278,6 +280,24 @@ def test_vllm_serve_asks_the_sidecar_every_step(tmp_path):
                                               f"{sorted(wanted - names)}"
         per_pos = [lab for n, lab, _ in vl if n == "vllm:spec_decode_num_accepted_tokens_per_pos_total"]
         assert per_pos and all("position" in lab for lab in per_pos)  # the label the dashboard sums by
+
+        # -------------------------------------------------------------- the sidecar's recording replays the load
+        assert total(side, "spec_controller_recorded_requests_total") == N_REQUESTS
+        assert total(side, "spec_controller_recorder_errors_total") == 0
+        sidecar.stop()  # closes the recording files
+        from envs.scenario import Scenario
+        from envs.trace import load_traces, validate_files
+
+        files = sorted((rec_dir / ENGINE_ID).glob("*.jsonl*"))
+        assert files and all(errs == [] for errs in validate_files(files).values())
+        traces = load_traces(files)
+        assert sum(t.n_requests for t in traces) == N_REQUESTS
+        assert sum(t.n_steps for t in traces) == steps
+        for t in traces:
+            if t.n_requests:
+                assert (t.requests["output_tokens"] == MAX_TOKENS).all()
+                assert (t.requests["finish_s"] >= t.requests["arrival_s"]).all()
+        assert len(Scenario.from_traces(traces).requests.arrival_s) == N_REQUESTS  # train-controller's input
     except BaseException:
         print(f"---- vLLM server log ({server.log_path}), last part:\n{tail(server.log_path)}")
         print(f"---- spec-sidecar log, last part:\n{sidecar.output()[-4000:]}")
