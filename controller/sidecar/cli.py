@@ -14,7 +14,6 @@ threads made it 30x slower (~6 ms instead of ~0.2 ms).
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -72,11 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, FileNotFoundError) as exc:
         print(f"spec-sidecar: cannot serve the policy: {exc}", file=sys.stderr)
         return 2
-    # The process holds ~10^5 long-lived objects (FastAPI, pydantic, numpy); a full collection
-    # scans them all and stalls every request in flight for milliseconds.  Freeze them out of
-    # the collector: only objects made while serving are scanned (p99 at 1k req/s, bench_sidecar).
-    gc.collect()
-    gc.freeze()
     uvicorn.run(app, host=settings.host, port=settings.port, uds=str(settings.uds) if settings.uds else None,
                 log_level=settings.log_level, access_log=False, workers=1, timeout_graceful_shutdown=5,
                 proxy_headers=False, timeout_keep_alive=75)
