@@ -77,7 +77,7 @@ def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
 def requests_for(c: int, prompts: list[list[int]], max_tokens: int, offset: int):
     from serving_patch.load import LoadRequest
 
-    n = max(8, 2 * c)
+    n = max(12, 3 * c)
     return [LoadRequest(f"c{c}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
             for i in range(n)]
 
