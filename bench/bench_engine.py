@@ -18,9 +18,10 @@ every configuration pays the same prefill), tokens/s and mean request latency fo
   scales 0.1-1 of the busiest recorded trace, i.e. the recorded x0.06-x0.6 range).
 
 The speculative configurations run on one engine (the controller's source is switched with
-``StepController.set_source``), so they differ in k only; they are measured ``--repeats`` times
-(default 2) in alternating order and averaged, so slow drift in the machine does not favour
-whichever ran first.  Also measured: the per-step
+``StepController.set_source``), so they differ in k only; level by level, each is measured
+``--repeats`` times (default 2) in alternating order and averaged, so the configurations
+compared at a level run within minutes of each other and slow drift in the machine does not
+favour whichever ran first.  Also measured: the per-step
 decision cost (``ControlledLookup.__getitem__``) and the whole hook against the step time, the
 recorder's cost (its own time per step, and an A/B of the same configuration with and
 without recording), and with ``draft_model`` the k = 0 drafter tax (``off (ctl)`` / ``no-spec``).
@@ -125,17 +126,27 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     overhead = {}
     configs = [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
         ("learned", f"embedded:{policy}")]
-    runs: dict[str, list[dict[int, tuple[float, float]]]] = {}
-    for rep in range(repeats):  # rounds in alternating order, so drift in the machine hits every config alike
-        for name, src in (configs if rep % 2 == 0 else configs[::-1]):
-            ctl.set_source(src)
-            ctl.reset_counters()
-            measure(name, llm)
-            runs.setdefault(name, []).append(rows[name])
-            st = ctl.stats()
-            overhead[name] = (st["choose_us_per_step"], st["hook_us_per_step"], st["mean_step_ms"], st["steps"])
-    for name, rs in runs.items():
-        rows[name] = {c: (sum(r[c][0] for r in rs) / len(rs), sum(r[c][1] for r in rs) / len(rs)) for c in levels}
+    # level by level, each configuration ``repeats`` times in alternating order, so the configurations
+    # compared at one level run within minutes of each other and slow drift in the machine hits them alike
+    acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
+    steps: dict[str, list] = {name: [0, 0, 0.0, 0] for name, _ in configs}  # choose ns, hook ns, step ms, steps
+    for c in levels:
+        for rep in range(repeats):
+            for name, src in (configs if rep % 2 == 0 else configs[::-1]):
+                ctl.set_source(src)
+                ctl.reset_counters()
+                acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c))
+                st = ctl.stats()
+                n = st["steps"]
+                tot = steps[name]
+                tot[0] += st["choose_us_per_step"] * n
+                tot[1] += st["hook_us_per_step"] * n
+                tot[2] += st["mean_step_ms"] * n
+                tot[3] += n
+    for name, by_c in acc.items():
+        rows[name] = {c: (sum(r[0] for r in rs) / len(rs), sum(r[1] for r in rs) / len(rs)) for c, rs in by_c.items()}
+        ch, hk, ms, n = steps[name]
+        overhead[name] = (ch / max(n, 1), hk / max(n, 1), ms / max(n, 1), n)
 
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
     ctl.set_source("static:2")
