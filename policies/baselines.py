@@ -208,62 +208,68 @@ class EmaAdaptive(Policy):
             self.acc_len[self._r] += self.ema * (length - self.acc_len[self._r])
 
 
+class _BestRate(Policy):
+    """Per step, the valid action with the most committed tokens per ms of decode time.
+
+    Subclasses say what they know of the tokens: :meth:`tokens` returns, for this step, a
+    function ``(k, width) -> committed tokens``.  Decode time only: prefill work is the same
+    whatever k, it only moves between steps.
+    """
+
+    def reset(self, env):
+        super().reset(env)
+        self.cost = env.scenario.cost
+        self.valid = [i for i, ok in enumerate(env.action_masks()) if ok]
+
+    def tokens(self, obs, env, batch_size: int):
+        raise NotImplementedError
+
+    def act(self, obs, env):
+        s = env._state
+        if s.batch_size == 0:
+            return 0
+        tokens = self.tokens(obs, env, s.batch_size)
+        best, best_rate = 0, -1.0
+        for i in self.valid:
+            k, w = env.actions.actions[i]
+            rate = tokens(k, w) / self.cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
+            if rate > best_rate:
+                best, best_rate = i, rate
+        return best
+
+
 @dataclass
-class GoodputGreedy(Policy):
+class GoodputGreedy(_BestRate):
     """SmartSpec-style goodput maximiser with the fitted cost model and online acceptance."""
 
     name: str = "goodput-greedy"
 
     def reset(self, env):
         super().reset(env)
-        self.cost = env.scenario.cost
         self.rho = env.scenario.acceptance.width_rho
-        self.valid = [i for i, ok in enumerate(env.action_masks()) if ok]
 
-    def act(self, obs, env):
-        s = env._state
-        if s.batch_size == 0:
-            return 0
+    def tokens(self, obs, env, batch_size):
         alpha = float(obs[ALPHA])
-        best, best_rate = 0, -1.0
-        for i in self.valid:
-            k, w = env.actions.actions[i]
+
+        def committed(k, w):
             q = 1.0 - (1.0 - alpha) ** (w ** self.rho) if w > 1 else alpha
-            exp_acc = sum(q ** j for j in range(1, k + 1))
-            rate = s.batch_size * (1 + exp_acc) / self.cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
-            if rate > best_rate:
-                best, best_rate = i, rate
-        return best
+            return batch_size * (1 + sum(q ** j for j in range(1, k + 1)))
+
+        return committed
 
 
 @dataclass
-class HindsightOracle(Policy):
+class HindsightOracle(_BestRate):
     """Per step, the action with the most committed tokens per ms given the realised acceptance."""
 
     name: str = "oracle"
 
-    def reset(self, env):
-        super().reset(env)
-        self.cost = env.scenario.cost
-        self.valid = [i for i, ok in enumerate(env.action_masks()) if ok]
-
-    def act(self, obs, env):
-        s = env._state
-        if s.batch_size == 0:
-            return 0
-        best, best_rate = 0, -1.0
-        for i in self.valid:
-            k, w = env.actions.actions[i]
-            acc, _ = env.sim.peek(k, w)
-            # decode time only: prefill work is the same whatever k, it only moves between steps
-            rate = (s.batch_size + acc) / self.cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
-            if rate > best_rate:
-                best, best_rate = i, rate
-        return best
+    def tokens(self, obs, env, batch_size):
+        return lambda k, w: batch_size + env.sim.peek(k, w)[0]
 
 
 @dataclass
-class ExpectedOracle(Policy):
+class ExpectedOracle(_BestRate):
     """Per step, the action with the most *expected* committed tokens per ms under the true profiles.
 
     It knows what no causal policy can know exactly -- the scenario's true cost model and the
@@ -274,25 +280,10 @@ class ExpectedOracle(Policy):
 
     name: str = "oracle-ev"
 
-    def reset(self, env):
-        super().reset(env)
-        self.cost = env.scenario.cost
-        self.valid = [i for i, ok in enumerate(env.action_masks()) if ok]
-
-    def act(self, obs, env):
-        s = env._state
-        if s.batch_size == 0:
-            return 0
+    def tokens(self, obs, env, batch_size):
         sim = env.sim
         t = sim.t + sim.time_offset_s
-        best, best_rate = 0, -1.0
-        for i in self.valid:
-            k, w = env.actions.actions[i]
-            exp_acc = sim.acceptance.expected_accepted(k, w, t) if k else 0.0
-            rate = s.batch_size * (1 + exp_acc) / self.cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
-            if rate > best_rate:
-                best, best_rate = i, rate
-        return best
+        return lambda k, w: batch_size * (1 + (sim.acceptance.expected_accepted(k, w, t) if k else 0.0))
 
 
 def baseline_suite(env: SpecDecodeEnv, traces: list[Trace] | None = None, user_table: list[list[int]] | None = None,
