@@ -96,7 +96,7 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
                 engine.abort_request([rid])
             break
         if submit_s is not None and now > submit_s and concurrency is not None:
-            reqs = reqs[:nxt]  # no more submissions: drain
+            reqs, submit_s = reqs[:nxt], None  # no more submissions: drain
         while nxt < len(reqs) and (reqs[nxt].arrival_s <= now if concurrency is None
                                    else len(submitted) < concurrency):
             r = reqs[nxt]

@@ -97,21 +97,24 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
 
     ctl = controllers()[-1]
     t0 = time.perf_counter()
+
+    def bar(desc: str, total: int | None = None):
+        if not progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="req", desc=desc, file=sys.stderr)
+
     if concurrency:
         results, used = [], 0
         for c in concurrency:
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(unit="req", desc=f"{method} c={c}", file=sys.stderr)
-            level = [r for i, r in enumerate(reqs[used:] + reqs[:used]) if i < 4096]
-            res = run_load(llm, level, concurrency=c, submit_s=duration_s, max_wall_s=duration_s * 4 + 120,
-                           progress=bar.update if bar else None)
-            used = (used + res.finished) % len(reqs)
-            results.append(res)
-            if bar:
-                bar.close()
+            b = bar(f"{method} c={c}")
+            level = (reqs[used:] + reqs[:used])[:4096]
+            results.append(run_load(llm, level, concurrency=c, submit_s=duration_s, max_wall_s=duration_s * 4 + 120,
+                                    progress=None if b is None else b.update))
+            used = (used + results[-1].finished) % len(reqs)
+            if b is not None:
+                b.close()
         res = results[0]
         for r in results[1:]:
             res.wall_s += r.wall_s
@@ -119,14 +122,10 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
             res.latencies_s += r.latencies_s
             res.finished += r.finished
     else:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(reqs), unit="req", desc=f"{method} x{time_scale:g}", file=sys.stderr)
-        res = run_load(llm, reqs, progress=bar.update if bar else None, max_wall_s=duration_s * 4 + 120)
-        if bar:
-            bar.close()
+        b = bar(f"{method} x{time_scale:g}", len(reqs))
+        res = run_load(llm, reqs, progress=None if b is None else b.update, max_wall_s=duration_s * 4 + 120)
+        if b is not None:
+            b.close()
     stats = ctl.stats()
     ctl.close()
     del llm
