@@ -9,7 +9,10 @@ finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens, prefix cachin
 every configuration pays the same prefill), tokens/s and mean request latency for:
 
 - ``no-spec``: an engine without speculation;
-- ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``);
+- ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``); with
+  ``draft_model`` the lazy drafter skips the drafter pass (:mod:`serving_patch.drafter`);
+- ``off (pass)`` (``draft_model`` only): the same with the lazy drafter off, i.e. vLLM's own k = 0,
+  which still runs the drafter once per step (the tax; not counted as a choice in learned/best);
 - ``k=1`` .. ``k=max``: the controller holding a static k;
 - ``vllm table``: vLLM's own ``num_speculative_tokens_per_batch_size`` (no plugin), with the
   learned policy's table (``train-controller``'s ``vllm_schedule.json``) pasted in;
@@ -24,7 +27,8 @@ compared at a level run within minutes of each other and slow drift in the machi
 favour whichever ran first.  Also measured: the per-step
 decision cost (``ControlledLookup.__getitem__``) and the whole hook against the step time, the
 recorder's cost (its own time per step, and an A/B of the same configuration with and
-without recording), and with ``draft_model`` the k = 0 drafter tax (``off (ctl)`` / ``no-spec``).
+without recording), and with ``draft_model`` the k = 0 drafter tax (``off (pass)`` / ``no-spec``) and
+what is left of it with the lazy drafter (``off (ctl)`` / ``no-spec``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
+VLLM_PASS = "off (pass)"
 
 
 def train_policy(method: str, out: Path) -> Path:
@@ -92,7 +97,7 @@ def run_level(llm, c, prompts, max_tokens, offset):
 
 def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int,
                  repeats: int = 1) -> dict:
-    from serving_patch import controllers
+    from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     schedule = json.loads((policy.parent / "vllm_schedule.json").read_text())["num_speculative_tokens_per_batch_size"]
@@ -126,6 +131,8 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     overhead = {}
     configs = [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
         ("learned", f"embedded:{policy}")]
+    if method == "draft_model":  # k = 0 with vLLM's drafter pass on every step (the lazy drafter off)
+        configs.insert(1, (VLLM_PASS, "static:0"))
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
     # compared at one level run within minutes of each other and slow drift in the machine hits them alike
     acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
@@ -133,6 +140,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     for c in levels:
         for rep in range(repeats):
             for name, src in (configs if rep % 2 == 0 else configs[::-1]):
+                drafter.set_lazy(name != VLLM_PASS)
                 ctl.set_source(src)
                 ctl.reset_counters()
                 acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c))
@@ -143,6 +151,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 tot[1] += st["hook_us_per_step"] * n
                 tot[2] += st["mean_step_ms"] * n
                 tot[3] += n
+    drafter.set_lazy(True)
     for name, by_c in acc.items():
         rows[name] = {c: (sum(r[0] for r in rs) / len(rs), sum(r[1] for r in rs) / len(rs)) for c, rs in by_c.items()}
         ch, hk, ms, n = steps[name]
@@ -172,7 +181,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
 def report(method: str, levels: list[int], res: dict) -> None:
     rows = res["rows"]
     names = list(rows)
-    statics = ["off (ctl)"] + [n for n in names if n.startswith("k=")]
+    statics = ["off (ctl)"] + [n for n in names if n.startswith("k=")]  # "off (pass)" is not a choice: same k
     print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
     print("tokens/s" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
     for c in levels:
@@ -184,7 +193,11 @@ def report(method: str, levels: list[int], res: dict) -> None:
         print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
     print("off (ctl) / no-spec tokens/s: " + ", ".join(
         f"c={c} {rows['off (ctl)'][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
-        + ("  (k=0 still runs the drafter once per step: the draft_model tax)" if method == "draft_model" else ""))
+        + ("  (lazy drafter: k = 0 runs no drafter pass)" if method == "draft_model" else ""))
+    if VLLM_PASS in rows:
+        print(f"{VLLM_PASS} / no-spec tokens/s: " + ", ".join(
+            f"c={c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
+            + "  (vLLM's k = 0: the drafter still runs once per step, the tax the lazy drafter removes)")
     print("per-step controller cost (decision = table lookup; whole hook incl. step record) vs mean step:")
     for name, (choose_us, hook_us, step_ms, steps) in res["overhead"].items():
         print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, step {step_ms:7.2f} ms "

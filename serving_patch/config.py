@@ -13,6 +13,12 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER_EXPLORE_HOLD``    steps a random k is held once drawn (1); > 1 makes each
                                   random k draft *and* verify at that k, so recorded step
                                   times belong to one k (vLLM verifies a step late)
+``SPEC_CONTROLLER_LAZY_DRAFTER``    1 (default): with ``draft_model``, k = 0 skips the drafter pass
+                                  and k > 0 catches its KV up first (:mod:`serving_patch.drafter`);
+                                  0 keeps vLLM's pass on every step
+``SPEC_CONTROLLER_CATCHUP_MAX_TOKENS``  cap on the tokens one catch-up adds to the drafter pass
+                                  (0 = the drafter's buffer, max_num_batched_tokens); a
+                                  longer gap keeps its newest tokens (bounds the step's time)
 ``SPEC_CONTROLLER_SEED``            seed of the exploration draws (0)
 ``SPEC_CONTROLLER_ENGINE_ID``       engine id reported to the sidecar (``engine-<pid>``)
 ``SPEC_TRACE_OUT``                  write a ``spec-trace/1`` trace of every step to this file
@@ -85,6 +91,17 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int) -> int:
     return v
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     source: tuple[str, str] | None = None  # (kind, argument); None = vLLM's own k
@@ -94,6 +111,8 @@ class PluginConfig:
     reload_s: float = 2.0
     explore: float = 0.0
     explore_hold: int = 1
+    lazy_drafter: bool = True
+    catchup_max_tokens: int = 0
     seed: int = 0
     engine_id: str = ""
     trace_out: str | None = None
@@ -152,6 +171,8 @@ class PluginConfig:
             reload_s=_float(env, "SPEC_CONTROLLER_RELOAD_S", 2.0, 0.05, 1e6),
             explore=_float(env, "SPEC_CONTROLLER_EXPLORE", 0.0, 0.0, 1.0),
             explore_hold=_int(env, "SPEC_CONTROLLER_EXPLORE_HOLD", 1, 1),
+            lazy_drafter=_bool(env, "SPEC_CONTROLLER_LAZY_DRAFTER", True),
+            catchup_max_tokens=_int(env, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS", 0, 0),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",
             trace_out=env.get("SPEC_TRACE_OUT") or None,

@@ -27,7 +27,8 @@ METHODS = ("none", "ngram", "draft_model")
 
 _PLUGIN_VARS = ("SPEC_CONTROLLER", "SPEC_CONTROLLER_FALLBACK_K", "SPEC_CONTROLLER_REFRESH_S",
                 "SPEC_CONTROLLER_MAX_AGE_S", "SPEC_CONTROLLER_RELOAD_S", "SPEC_CONTROLLER_EXPLORE",
-                "SPEC_CONTROLLER_EXPLORE_HOLD", "SPEC_CONTROLLER_SEED", "SPEC_CONTROLLER_ENGINE_ID", "SPEC_TRACE_OUT",
+                "SPEC_CONTROLLER_EXPLORE_HOLD", "SPEC_CONTROLLER_LAZY_DRAFTER", "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS",
+                "SPEC_CONTROLLER_SEED", "SPEC_CONTROLLER_ENGINE_ID", "SPEC_TRACE_OUT",
                 "SPEC_TRACE_NOTES")
 
 
@@ -79,7 +80,8 @@ def speculative_config(spec: EngineSpec, draft_path: str | None) -> dict[str, An
 def plugin_env(controller: str | None = None, *, trace_out: str | None = None, explore: float = 0.0,
                explore_hold: int = 1,
                fallback_k: int | None = None, seed: int | None = None, refresh_s: float | None = None,
-               reload_s: float | None = None, notes: str | None = None) -> Iterator[None]:
+               reload_s: float | None = None, notes: str | None = None,
+               lazy_drafter: bool | None = None, catchup_max_tokens: int | None = None) -> Iterator[None]:
     """Set the plugin's variables (and clear the others) for the body of the ``with``."""
     values = {"SPEC_CONTROLLER": controller, "SPEC_TRACE_OUT": trace_out,
               "SPEC_CONTROLLER_EXPLORE": str(explore) if explore else None,
@@ -88,7 +90,9 @@ def plugin_env(controller: str | None = None, *, trace_out: str | None = None, e
               "SPEC_CONTROLLER_SEED": None if seed is None else str(seed),
               "SPEC_CONTROLLER_REFRESH_S": None if refresh_s is None else str(refresh_s),
               "SPEC_CONTROLLER_RELOAD_S": None if reload_s is None else str(reload_s),
-              "SPEC_TRACE_NOTES": notes}
+              "SPEC_TRACE_NOTES": notes,
+              "SPEC_CONTROLLER_LAZY_DRAFTER": None if lazy_drafter is None else str(int(lazy_drafter)),
+              "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": None if catchup_max_tokens is None else str(catchup_max_tokens)}
     saved = {k: os.environ.get(k) for k in set(_PLUGIN_VARS) | set(values)}
     try:
         for k in saved:
@@ -128,7 +132,8 @@ def make_llm(target: str, draft: str | None, spec: EngineSpec, *, controller: st
              trace_out: str | None = None, explore: float = 0.0, explore_hold: int = 1,
              fallback_k: int | None = None,
              seed: int = 0, refresh_s: float | None = None, reload_s: float | None = None,
-             notes: str | None = None, log_stats: bool = True, **llm_kwargs: Any):
+             notes: str | None = None, log_stats: bool = True, lazy_drafter: bool | None = None,
+             catchup_max_tokens: int | None = None, **llm_kwargs: Any):
     """A ``vllm.LLM`` for ``target`` with the plugin configured as given (None = inert)."""
     engine_defaults()
     from vllm import LLM
@@ -140,7 +145,8 @@ def make_llm(target: str, draft: str | None, spec: EngineSpec, *, controller: st
     _llvmlite_scan_workaround()
     with plugin_env(controller, trace_out=trace_out, explore=explore, explore_hold=explore_hold,
                     fallback_k=fallback_k, seed=seed,
-                    refresh_s=refresh_s, reload_s=reload_s, notes=notes):
+                    refresh_s=refresh_s, reload_s=reload_s, notes=notes, lazy_drafter=lazy_drafter,
+                    catchup_max_tokens=catchup_max_tokens):
         return LLM(model=str(target), speculative_config=speculative_config(spec, draft), dtype="float32",
                    max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs, enforce_eager=True,
                    disable_log_stats=not log_stats, seed=seed, **llm_kwargs)

@@ -402,6 +402,9 @@ class StepController:
         if self._explore:
             parts.append(f"explore {self._explore:g} (uniform k in 0..{self.max_k}"
                          + (f", held {self._hold} steps)" if self._hold > 1 else ")"))
+        if self.method == "draft_model" and self.config.controls_k:
+            parts.append("lazy drafter " + ("on (k = 0 skips the drafter pass)" if self.config.lazy_drafter
+                                            else "off (k = 0 runs the drafter pass)"))
         if notes:
             parts.append(notes)
         header = {**self._header_base, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -503,12 +506,20 @@ def _guarded(ctl: StepController, fn, *args) -> None:
 
 
 def install() -> bool:
-    """Patch vLLM's scheduler class once per process; returns whether the patch is in place."""
+    """Patch vLLM's scheduler (and the draft-model proposer) once per process; returns whether the patch is in place."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    from serving_patch import drafter
+
+    _patch_scheduler(Scheduler)
+    drafter.install()  # k = 0 without the draft model's pass (a no-op unless the controller chooses k)
+    return True
+
+
+def _patch_scheduler(Scheduler) -> None:
     with _INSTALL_LOCK:
         if getattr(Scheduler, "_spec_controller_hooked", False):
-            return True
+            return
         orig_init = Scheduler.__init__
         orig_schedule = Scheduler.schedule
         orig_update = Scheduler.update_from_output
@@ -576,4 +587,3 @@ def install() -> bool:
         Scheduler.shutdown = shutdown
         Scheduler._spec_ctl = None  # class default: schedulers built before the patch stay untouched
         Scheduler._spec_controller_hooked = True
-        return True

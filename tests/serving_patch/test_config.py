@@ -41,10 +41,19 @@ def test_recorder_alone_enables_the_hook():
     ({"SPEC_CONTROLLER_EXPLORE": "1.5"}, "SPEC_CONTROLLER_EXPLORE must be in [0, 1]"),
     ({"SPEC_CONTROLLER_FALLBACK_K": "-1"}, "SPEC_CONTROLLER_FALLBACK_K must be >= 0"),
     ({"SPEC_CONTROLLER_REFRESH_S": "5", "SPEC_CONTROLLER_MAX_AGE_S": "1"}, "REFRESH_S <= SPEC_CONTROLLER_MAX_AGE_S"),
+    ({"SPEC_CONTROLLER_LAZY_DRAFTER": "maybe"}, "SPEC_CONTROLLER_LAZY_DRAFTER must be 1 or 0"),
+    ({"SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": "-5"}, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS must be >= 0"),
 ])
 def test_bad_settings_name_the_variable(env, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         PluginConfig.from_env(env)
+
+
+@pytest.mark.parametrize("raw, on", [("", True), ("1", True), ("on", True), ("0", False), ("False", False)])
+def test_lazy_drafter_setting(raw, on):
+    cfg = PluginConfig.from_env({"SPEC_CONTROLLER": "static:0", "SPEC_CONTROLLER_LAZY_DRAFTER": raw,
+                                 "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": "256"})
+    assert cfg.lazy_drafter is on and cfg.catchup_max_tokens == 256
 
 
 def test_table_parsing_and_dense_form():

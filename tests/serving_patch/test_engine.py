@@ -191,3 +191,96 @@ def test_sidecar_source_drives_the_engine(engines, reference, prompts, tmp_path)
     assert generate(llm, prompts[8:16]) == reference[8:16]
     st = ctl.stats()
     assert st["errors"]["hook"] == 0 and st["source"]["errors"]["connect"] + st["source"]["errors"]["timeout"] >= 0
+
+
+# ---------------------------------------------------------------------- the lazy drafter (draft_model, k = 0)
+
+
+def _capture_drafts(monkeypatch) -> list:
+    """Every non-empty draft the draft-model proposer returns, in order (one list of rows per step)."""
+    from serving_patch.engine_hook import install
+
+    install()
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+    inner = DraftModelProposer.propose
+    log: list = []
+
+    def propose(self, *args, **kwargs):
+        out = inner(self, *args, **kwargs)
+        if out.shape[1]:
+            log.append(out.tolist())
+        return out
+
+    monkeypatch.setattr(DraftModelProposer, "propose", propose)
+    return log
+
+
+def _run_once(engines, prompts, switch_lazy=None, **plugin):
+    from serving_patch import controllers, drafter
+
+    drafter.reset_stats()
+    llm = engines.make("draft_model", **plugin)
+    try:
+        if switch_lazy is not None:
+            assert drafter.set_lazy(switch_lazy) == 1
+        outs = generate(llm, prompts)
+    finally:
+        controllers()[-1].close()
+        llm.llm_engine.engine_core.shutdown()
+        engines.live.remove(llm)
+    return outs, dict(drafter.STATS)
+
+
+def _same_fraction(a: list, b: list) -> float:
+    rows_a = [r for step in a for r in step]
+    rows_b = [r for step in b for r in step]
+    assert rows_a and rows_b
+    return sum(x == y for x, y in zip(rows_a, rows_b)) / max(len(rows_a), len(rows_b))
+
+
+def test_lazy_drafter_skips_k0_and_catches_up_exactly(engines, reference, prompts, monkeypatch):
+    """k = 0 runs no drafter pass; the next k > 0 step first feeds the drafter what it missed, so it
+    drafts exactly what an in-sync drafter drafts.  Without the catch-up (its KV left with holes) the
+    drafts differ: the comparison can fail.  Outputs are the reference's in every case."""
+    from serving_patch import drafter
+
+    log = _capture_drafts(monkeypatch)
+    sched = "cycle:0,0,0,0,0,4,4,4,4,4"
+    runs = {}
+    for name, lazy in (("in sync", False), ("lazy", True)):
+        log.clear()
+        outs, stats = _run_once(engines, prompts, controller=sched, lazy_drafter=lazy)
+        runs[name] = (list(log), stats)
+        assert outs == reference, name
+    eager, lazy = runs["in sync"], runs["lazy"]
+    assert eager[1]["skipped_passes"] == 0 and eager[1]["catchup_passes"] == 0
+    assert lazy[1]["skipped_passes"] > 0 and lazy[1]["catchup_passes"] > 0 and lazy[1]["catchup_tokens"] > 0
+    assert lazy[1]["errors"] == 0 and lazy[1]["dropped"] == 0
+    assert len(lazy[0]) == len(eager[0]) and _same_fraction(lazy[0], eager[0]) >= 0.98
+
+    monkeypatch.setattr(drafter, "_catch_up", lambda *a, **k: None)  # skip without catching up
+    log.clear()
+    outs, stats = _run_once(engines, prompts, controller=sched, lazy_drafter=True)
+    assert outs == reference and stats["skipped_passes"] > 0 and stats["catchup_passes"] == 0
+    assert _same_fraction(log, eager[0]) < 0.5
+
+
+@pytest.mark.parametrize("case", ["off", "off, switched to vLLM's pass", "capped catch-up"])
+def test_lazy_drafter_off_never_drafts_and_a_capped_catch_up_stays_correct(engines, reference, prompts,
+                                                                          monkeypatch, case):
+    """static:0 never runs the drafter at all (unless the lazy drafter is switched off at run time);
+    a catch-up capped below the gaps keeps their newest tokens, counts the rest, and every output is
+    still the reference's."""
+    log = _capture_drafts(monkeypatch)
+    if case == "off":
+        outs, stats = _run_once(engines, prompts, controller="static:0")
+        assert not log and stats["skipped_passes"] > 0 and stats["catchup_passes"] == 0
+    elif case.startswith("off, switched"):
+        outs, stats = _run_once(engines, prompts, switch_lazy=False, controller="static:0")
+        assert not log and stats["skipped_passes"] == 0
+    else:
+        outs, stats = _run_once(engines, prompts, controller="cycle:0,0,0,0,0,4,4,4,4,4", catchup_max_tokens=8)
+        assert log and stats["dropped"] > 0 and 0 < stats["catchup_tokens"] <= 8 * stats["catchup_passes"]
+    assert stats["errors"] == 0
+    assert outs == reference

@@ -272,7 +272,7 @@ class RequestSink(DecisionSource):
 
 
 def test_a_source_that_wants_requests_gets_them_in_arrival_order_on_the_step_clock():
-    ctl, sched = make({"SPEC_CONTROLLER": "static:1"})
+    ctl, _sched = make({"SPEC_CONTROLLER": "static:1"})
     sink = ctl.source = RequestSink()
     try:
         now = time.time()
