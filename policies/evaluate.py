@@ -37,14 +37,31 @@ class EvalResult:
 
 def held_out_windows(scenario: Scenario, load_scales: Sequence[float], window_s: float, n_windows: int,
                      time_range: tuple[float, float]) -> list[tuple[float, float]]:
-    """``n_windows`` evenly spaced ``(load_scale, start_s)`` windows per load inside ``time_range``."""
+    """``n_windows`` evenly spaced ``(load_scale, start_s)`` windows per load inside ``time_range``.
+
+    A window in which no request arrives (sparse traffic at a light load) cannot be evaluated: its
+    start moves to the nearest arrival in the range (windows that land on the same start are kept
+    once), so a light load is measured where its traffic is instead of stopping the run.
+    """
     out = []
     span = scenario.requests.span_s
     for scale in load_scales:
         lo, hi = time_range[0] * span / scale, time_range[1] * span / scale
         latest = max(lo, hi - window_s)
         starts = np.linspace(lo, latest, n_windows) if n_windows > 1 else [lo]
-        out.extend((float(scale), float(s)) for s in starts)
+        t = scenario.requests.arrival_s / scale
+        t = t[(t >= lo) & (t <= hi)]
+        if not len(t):
+            raise ValueError(f"no request arrives in the held-out part of the trace ({time_range[0]:.0%}-"
+                             f"{time_range[1]:.0%} of its timeline) at load x{scale:g}: raise the load scale "
+                             f"(--load-scales) or give a longer trace")
+        seen = set()
+        for s in starts:
+            if not np.any((t >= s) & (t < s + window_s)):
+                s = float(t[np.argmin(np.abs(t - s))])  # the nearest arrival opens the window
+            if (scale, s) not in seen:
+                seen.add((scale, s))
+                out.append((float(scale), float(s)))
     return out
 
 

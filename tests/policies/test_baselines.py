@@ -109,6 +109,22 @@ def test_ema_changes_k_only_after_hysteresis(drift):
     assert ema.acc_len.max() > 0.5
 
 
+def test_held_out_windows_move_to_traffic_at_light_load(drift):
+    """At a light load evenly spaced windows can miss every arrival; each one then starts at the
+    nearest arrival instead (every window has traffic, all stay in the held-out range)."""
+    span = drift.requests.span_s
+    scale, n = 0.02, 8  # 50x sparser: 30 s windows over a 50x longer timeline
+    t = drift.requests.arrival_s / scale
+    lo = 0.8 * span / scale
+    naive = np.linspace(lo, span / scale - 30.0, n)
+    assert any(not np.any((t >= s) & (t < s + 30.0)) for s in naive)  # the case this guards against
+    wins = held_out_windows(drift, [scale], 30.0, n, (0.8, 1.0))
+    assert 0 < len(wins) <= n and len(set(wins)) == len(wins)
+    for sc, start in wins:
+        assert lo - 1e-6 <= start <= span / scale
+        assert len(drift.requests.window(start, 30.0, sc)) > 0
+
+
 def test_held_out_windows_stay_in_range(drift):
     wins = held_out_windows(drift, [1.0, 4.0], 30.0, 3, (0.8, 1.0))
     span = drift.requests.span_s
