@@ -223,7 +223,7 @@ def _run_once(engines, prompts, switch_lazy=None, **plugin):
     llm = engines.make("draft_model", **plugin)
     try:
         if switch_lazy is not None:
-            assert drafter.set_lazy(switch_lazy) == 1
+            assert drafter.set_lazy(switch_lazy) >= 1  # (engines of earlier tests may still be alive)
         outs = generate(llm, prompts)
     finally:
         controllers()[-1].close()
