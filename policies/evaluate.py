@@ -59,8 +59,8 @@ def held_out_windows(scenario: Scenario, load_scales: Sequence[float], window_s:
         for s in starts:
             if not np.any((t >= s) & (t < s + window_s)):
                 s = float(t[np.argmin(np.abs(t - s))])  # the nearest arrival opens the window
-            if (scale, s) not in seen:
-                seen.add((scale, s))
+            if s not in seen:
+                seen.add(s)
                 out.append((float(scale), float(s)))
     return out
 

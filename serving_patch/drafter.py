@@ -32,6 +32,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["STATS", "install", "reset_stats", "set_lazy"]
 
@@ -68,14 +69,17 @@ def _settings_from_env() -> tuple[bool, int]:
     return cfg.controls_k and cfg.lazy_drafter, cfg.catchup_max_tokens
 
 
+def _query_starts(cad, target_positions) -> list[int]:
+    """The first position of each request's query in this step."""
+    return target_positions[cad.query_start_loc[:cad.num_reqs].long()].tolist()
+
+
 def _catch_up(prop: Any, gaps: dict[str, int], req_ids: list[str], target_token_ids, target_positions,
               target_hidden_states, cad):
     """The first-pass inputs with each request's missed tokens in front; None when nothing is missing."""
-    import torch
-
     n = cad.num_reqs
     qsl = cad.query_start_loc_cpu.tolist()
-    starts = target_positions[cad.query_start_loc[:n].long()].tolist()  # first position of each query
+    starts = _query_starts(cad, target_positions)
     want = [0] * n
     for i in range(n):
         g = gaps.pop(req_ids[i], None) if i < len(req_ids) else None
@@ -172,15 +176,12 @@ def install() -> bool:
                 return orig_propose(self, num_speculative_tokens, target_token_ids, target_positions,
                                     target_hidden_states, next_token_ids, token_indices_to_sample,
                                     common_attn_metadata, sampling_metadata, *args, **kwargs)
-            import torch
-
             cad = common_attn_metadata
             try:
-                req_ids = self._spec_runner.input_batch.req_ids
                 if num_speculative_tokens == 0 and self._spec_lazy:
                     n = cad.num_reqs
-                    starts = target_positions[cad.query_start_loc[:n].long()].tolist()
-                    for rid, s in zip(req_ids[:n], starts):
+                    req_ids = self._spec_runner.input_batch.req_ids
+                    for rid, s in zip(req_ids[:n], _query_starts(cad, target_positions)):
                         g = gaps.get(rid)
                         if g is None or s < g:  # (a recomputed request starts over)
                             gaps[rid] = s
@@ -191,8 +192,8 @@ def install() -> bool:
                     STATS["skipped_passes"] += 1
                     return torch.empty(cad.batch_size(), 0, device=target_token_ids.device, dtype=torch.int64)
                 if gaps and num_speculative_tokens > 0:
-                    got = _catch_up(self, gaps, req_ids, target_token_ids, target_positions,
-                                    target_hidden_states, cad)
+                    got = _catch_up(self, gaps, self._spec_runner.input_batch.req_ids, target_token_ids,
+                                    target_positions, target_hidden_states, cad)
                     if got is not None:
                         target_token_ids, target_positions, target_hidden_states, cad = got
                         token_indices_to_sample = None  # recomputed by the first pass from the new layout
