@@ -47,10 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
 
+from policies.evaluate import paired_ratio  # noqa: E402
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
 VLLM_PASS = "off (pass)"
+STATICS = ["off (ctl)"] + [f"k={k}" for k in range(1, MAX_K + 1)]  # the choices; "off (pass)" is the same k as off
 MIN_REQUESTS = 12  # requests per level: max(MIN_REQUESTS, 3 x c); --min-requests
 
 
@@ -97,7 +99,7 @@ def run_level(llm, c, prompts, max_tokens, offset):
 
 
 def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1) -> dict:
+                 repeats: int = 1, confirm_pairs: int = 0) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -158,6 +160,21 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
         ch, hk, ms, n = steps[name]
         overhead[name] = (ch / max(n, 1), hk / max(n, 1), ms / max(n, 1), n)
 
+    # confirmation: the best of off & static k above was picked as the max of noisy means (it wins
+    # its level by luck as well as by merit); fresh paired runs of learned against it, in ABBA order,
+    # measure the difference without that selection bias
+    confirm = {}
+    for c in levels if confirm_pairs else ():
+        best = max(STATICS, key=lambda n: rows[n][c][0])
+        pair_src = {"learned": f"embedded:{policy}", best: dict(configs)[best]}
+        runs = {"learned": [], best: []}
+        for i in range(confirm_pairs):
+            order = ["learned", best] if i % 2 == 0 else [best, "learned"]
+            for name in order:
+                ctl.set_source(pair_src[name])
+                runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c)[0])
+        confirm[c] = (best, runs["learned"], runs[best])
+
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
     ctl.set_source("static:2")
     ab = {"on": [], "off": []}
@@ -176,20 +193,27 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 ab[mode].append(tps)
     ctl.close()
     del llm
-    return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us}
+    return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
+            "confirm": confirm}
 
 
 def report(method: str, levels: list[int], res: dict) -> None:
     rows = res["rows"]
     names = list(rows)
-    statics = ["off (ctl)"] + [n for n in names if n.startswith("k=")]  # "off (pass)" is not a choice: same k
     print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
     print("tokens/s" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
     for c in levels:
-        best = max(statics, key=lambda n: rows[n][c][0])
+        best = max(STATICS, key=lambda n: rows[n][c][0])
         ratio = rows["learned"][c][0] / rows[best][c][0]
         print(f"c={c:<6}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
-    print("mean latency s" + "".join(f"{n:>12}" for n in names)[6:])
+    if res["confirm"]:
+        pairs = len(next(iter(res["confirm"].values()))[1])
+        print(f"confirmation, {pairs} fresh paired runs per level (ABBA) of learned vs the best above; learned / best "
+              f"tokens/s, geometric mean [95% CI]:")
+        for c, (best, learned, other) in res["confirm"].items():
+            print(f"  c={c:<4} vs {best:<10} {paired_ratio(learned, other)}   (learned {sum(learned) / len(learned):.1f}, "
+                  f"{best} {sum(other) / len(other):.1f} tok/s)")
+    print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
     print("off (ctl) / no-spec tokens/s: " + ", ".join(
@@ -221,7 +245,13 @@ def main() -> int:
                     help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
+    ap.add_argument("--confirm", type=int, default=0, metavar="PAIRS",
+                    help="after the table, this many fresh paired runs per level of learned vs the level's best of off "
+                         "& static k, with a 95%% confidence interval of the ratio (the table's best is picked from noisy "
+                         "means, so it is biased upward; these runs are not)")
     args = ap.parse_args()
+    if args.confirm == 1 or args.confirm < 0:
+        ap.error(f"--confirm needs 0 (off) or at least 2 pairs for an interval, got {args.confirm}")
     global MIN_REQUESTS
     MIN_REQUESTS = args.min_requests
     engine_defaults()
@@ -241,7 +271,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp))
-            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens, args.repeats)
+            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens, args.repeats,
+                               args.confirm)
             report(method, args.concurrency, res)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0

@@ -7,6 +7,7 @@ Each policy gets a fresh env per window with ``reset(seed=..., options={"load_sc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from envs.scenario import Scenario
 from envs.spec_env import SpecDecodeEnv
 from policies.baselines import Policy
 
-__all__ = ["EvalResult", "evaluate", "held_out_windows", "summarise"]
+__all__ = ["EvalResult", "PairedRatio", "evaluate", "held_out_windows", "paired_ratio", "summarise"]
 
 
 @dataclass
@@ -122,3 +123,52 @@ def summarise(results: Sequence[EvalResult]) -> dict:
                 "windows": len(rs),
             }
     return summary
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """A/B over paired runs: the geometric mean of ``a_i / b_i`` and its confidence interval."""
+
+    ratio: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+
+    @property
+    def verdict(self) -> str:
+        """``"above"`` / ``"below"`` when the interval excludes 1, else ``"tie"`` (within the noise)."""
+        if self.low > 1.0:
+            return "above"
+        if self.high < 1.0:
+            return "below"
+        return "tie"
+
+    def __str__(self) -> str:
+        return (f"{self.ratio:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.confidence:.0%} CI, n={self.n}) "
+                f"-> {self.verdict}")
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedRatio:
+    """Compare two configurations measured in pairs (run ``i`` of each back to back).
+
+    Works on log ratios ``log(a_i / b_i)``: a paired t-interval of their mean, exponentiated, so a
+    slow drift of the machine that hits both runs of a pair alike cancels, and 1.05 and 1/1.05 are
+    symmetric.  With one pair the interval is unbounded (no spread to estimate).
+    """
+    from scipy import stats
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired_ratio needs two equally long non-empty sequences, got {a.shape} and {b.shape}")
+    if np.any(a <= 0) or np.any(b <= 0) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("paired_ratio needs positive finite measurements (e.g. tokens/s)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    d = np.log(a / b)
+    m = float(d.mean())
+    if len(d) < 2:
+        return PairedRatio(float(np.exp(m)), 0.0, math.inf, 1, confidence)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return PairedRatio(float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half)), len(d), confidence)
