@@ -99,7 +99,7 @@ def run_level(llm, c, prompts, max_tokens, offset):
 
 
 def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1, confirm_pairs: int = 0) -> dict:
+                 repeats: int = 1, confirm_rounds: int = 0) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -119,7 +119,8 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), **kw)
     run_level(base, 2, prompts, 8, 0)  # warm-up
     measure("no-spec", base)
-    del base
+    if not confirm_rounds:
+        del base  # else kept: the confirmation pairs off (ctl) with it (two in-process engines coexist)
 
     vt = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32, vllm_table=table),
                   **kw)
@@ -161,19 +162,23 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
         overhead[name] = (ch / max(n, 1), hk / max(n, 1), ms / max(n, 1), n)
 
     # confirmation: the best of off & static k above was picked as the max of noisy means (it wins
-    # its level by luck as well as by merit); fresh paired runs of learned against it, in ABBA order,
-    # measure the difference without that selection bias
+    # its level by luck as well as by merit); fresh runs of learned against it, and of off (ctl) against
+    # the no-spec engine (kept alive for this), in rounds of alternating order, measure both ratios
+    # pair by pair without that selection bias or the drift between engines measured minutes apart
     confirm = {}
-    for c in levels if confirm_pairs else ():
+    for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
-        pair_src = {"learned": f"embedded:{policy}", best: dict(configs)[best]}
-        runs = {"learned": [], best: []}
-        for i in range(confirm_pairs):
-            order = ["learned", best] if i % 2 == 0 else [best, "learned"]
-            for name in order:
-                ctl.set_source(pair_src[name])
-                runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c)[0])
-        confirm[c] = (best, runs["learned"], runs[best])
+        srcs = dict(configs)
+        names = list(dict.fromkeys(["learned", best, "off (ctl)", "no-spec"]))
+        runs: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(confirm_rounds):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                if name == "no-spec":
+                    runs[name].append(run_level(base, c, prompts, max_tokens, offset=c)[0])
+                else:
+                    ctl.set_source(srcs[name])
+                    runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c)[0])
+        confirm[c] = {"best": best, "runs": runs}
 
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
     ctl.set_source("static:2")
@@ -193,6 +198,8 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 ab[mode].append(tps)
     ctl.close()
     del llm
+    if confirm_rounds:
+        del base
     return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
             "confirm": confirm}
 
@@ -207,12 +214,16 @@ def report(method: str, levels: list[int], res: dict) -> None:
         ratio = rows["learned"][c][0] / rows[best][c][0]
         print(f"c={c:<6}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
     if res["confirm"]:
-        pairs = len(next(iter(res["confirm"].values()))[1])
-        print(f"confirmation, {pairs} fresh paired runs per level (ABBA) of learned vs the best above; learned / best "
-              f"tokens/s, geometric mean [95% CI]:")
-        for c, (best, learned, other) in res["confirm"].items():
-            print(f"  c={c:<4} vs {best:<10} {paired_ratio(learned, other)}   (learned {sum(learned) / len(learned):.1f}, "
-                  f"{best} {sum(other) / len(other):.1f} tok/s)")
+        rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
+        print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
+              f"geometric mean [95% CI] -> above / tie / below 1")
+        for c, conf in res["confirm"].items():
+            runs, best = conf["runs"], conf["best"]
+            mean = {n: sum(v) / len(v) for n, v in runs.items()}
+            print(f"  c={c:<4} learned / {best:<10} {paired_ratio(runs['learned'], runs[best])}   "
+                  f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s)")
+            print(f"  {'':6} off (ctl) / no-spec  {paired_ratio(runs['off (ctl)'], runs['no-spec'])}   "
+                  f"(off (ctl) {mean['off (ctl)']:.1f}, no-spec {mean['no-spec']:.1f} tok/s)")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
@@ -245,13 +256,13 @@ def main() -> int:
                     help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
-    ap.add_argument("--confirm", type=int, default=0, metavar="PAIRS",
-                    help="after the table, this many fresh paired runs per level of learned vs the level's best of off "
-                         "& static k, with a 95%% confidence interval of the ratio (the table's best is picked from noisy "
-                         "means, so it is biased upward; these runs are not)")
+    ap.add_argument("--confirm", type=int, default=0, metavar="ROUNDS",
+                    help="after the table, this many fresh rounds per level of learned, the level's best of off & static "
+                         "k, off (ctl) and no-spec, with 95%% confidence intervals of learned / best and off (ctl) / "
+                         "no-spec (the table's best is picked from noisy means, so it is biased upward; these are not)")
     args = ap.parse_args()
     if args.confirm == 1 or args.confirm < 0:
-        ap.error(f"--confirm needs 0 (off) or at least 2 pairs for an interval, got {args.confirm}")
+        ap.error(f"--confirm needs 0 (off) or at least 2 rounds for an interval, got {args.confirm}")
     global MIN_REQUESTS
     MIN_REQUESTS = args.min_requests
     engine_defaults()
