@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
 
-from policies.evaluate import paired_ratio  # noqa: E402
+from policies.evaluate import paired_ratio
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
