@@ -133,8 +133,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     ctl = controllers()[-1]
     run_level(llm, 2, prompts, 8, 0)
     overhead = {}
-    configs = [("off (ctl)", "static:0")] + [(f"k={k}", f"static:{k}") for k in range(1, MAX_K + 1)] + [
-        ("learned", f"embedded:{policy}")]
+    configs = [(name, f"static:{k}") for k, name in enumerate(STATICS)] + [("learned", f"embedded:{policy}")]
     if method == "draft_model":  # k = 0 with vLLM's drafter pass on every step (the lazy drafter off)
         configs.insert(1, (VLLM_PASS, "static:0"))
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
@@ -166,9 +165,9 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     # the no-spec engine (kept alive for this), in rounds of alternating order, measure both ratios
     # pair by pair without that selection bias or the drift between engines measured minutes apart
     confirm = {}
+    srcs = dict(configs)
     for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
-        srcs = dict(configs)
         names = list(dict.fromkeys(["learned", best, "off (ctl)", "no-spec"]))
         runs: dict[str, list[float]] = {n: [] for n in names}
         for i in range(confirm_rounds):
