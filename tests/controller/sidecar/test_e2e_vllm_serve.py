@@ -214,23 +214,30 @@ def test_vllm_serve_asks_the_sidecar_every_step(tmp_path):
             assert s_status == 200 and v_status == 200, (s_status, v_status)
             return parse_metrics(s_text), parse_metrics(v_text)
 
+        def engines_now():
+            status, engines = http_json("GET", sidecar.port, "/v1/engines")
+            assert status == 200
+            return engines
+
         def settled():
-            # the client posts the last steps within ms; vLLM's counters follow its outputs
+            # the client posts the last steps within ms (a step posted between the /metrics scrape and
+            # the /v1/engines read would make them disagree by one); vLLM's counters follow its outputs
             side, vl = scrape()
+            engines = engines_now()
+            mine = [e for e in engines if e["engine_id"] == ENGINE_ID]
             ok = (total(vl, "vllm:request_success_total") >= N_REQUESTS
                   and total(side, "spec_controller_draft_tokens_total")
                   == total(vl, "vllm:spec_decode_num_draft_tokens_total")
-                  and total(side, "spec_controller_recorded_requests_total") >= N_REQUESTS)
-            return (side, vl) if ok else None
+                  and total(side, "spec_controller_recorded_requests_total") >= N_REQUESTS
+                  and len(mine) == 1 and mine[0]["steps"] == total(side, "spec_controller_steps_total"))
+            return (side, vl, engines) if ok else None
 
         deadline, got = time.monotonic() + 15.0, None
         while got is None and time.monotonic() < deadline:
             got = settled()
             if got is None:
                 time.sleep(0.2)
-        side, vl = got or scrape()
-        status, engines = http_json("GET", sidecar.port, "/v1/engines")
-        assert status == 200
+        side, vl, engines = got or (*scrape(), engines_now())
 
         # -------------------------------------------------------------- the sidecar saw this engine's traffic
         mine = [e for e in engines if e["engine_id"] == ENGINE_ID]
