@@ -17,6 +17,21 @@ module removes that tax for the ``draft_model`` method, the one whose drafter ke
   leaves older positions stale (counted in ``dropped``): drafts may get worse, never wrong --
   the target verifies every draft, so outputs are unchanged whatever the drafter's KV holds.
 
+The runner side of k = 0 (any method, patched on ``GPUModelRunner``, which vLLM's CPU runner
+inherits): vLLM 0.32 takes its speculative path at every step once a ``speculative_config``
+exists, drafts or not.  Two pieces of it are skipped when they have nothing to do:
+
+* a step that verifies no drafts (``max_spec_len == 0``) samples with the plain sampler instead
+  of the rejection sampler, which would draw the same tokens from the same logits through a
+  copy of them (``plain_samples``);
+* a step whose next k is 0 skips the runner's proposer bookkeeping (``next_token_ids``, the
+  padded drafter inputs, ngram's matcher); ``draft_model`` notes its gaps from the target's own
+  metadata, which at that point equal the padded ones (``skipped_proposals``).
+
+Both only with synchronous scheduling (vLLM's CPU platform; async scheduling keeps vLLM's
+path, whose bookkeeping feeds the next step) and, for the sampler, when no request asks for
+logprobs.
+
 On by default whenever the controller chooses k (``SPEC_CONTROLLER`` set, not ``vllm``);
 ``SPEC_CONTROLLER_LAZY_DRAFTER=0`` restores vLLM's behaviour.  Any error in the catch-up
 falls back to vLLM's own pass for that step and is counted (``errors``).  Counters are per
@@ -39,9 +54,11 @@ __all__ = ["STATS", "install", "reset_stats", "set_lazy"]
 log = logging.getLogger(__name__)
 
 STATS: dict[str, int] = {}
-_KEYS = ("skipped_passes", "catchup_passes", "catchup_tokens", "dropped", "errors")
+_KEYS = ("skipped_passes", "catchup_passes", "catchup_tokens", "dropped", "errors", "plain_samples",
+         "skipped_proposals")
 _LOCK = threading.Lock()
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # proposers the patch manages, in this process
+_RUNNERS: weakref.WeakSet = weakref.WeakSet()  # model runners whose k = 0 steps take the plain path
 
 
 def reset_stats() -> None:
@@ -59,6 +76,8 @@ def set_lazy(on: bool) -> int:
     for prop in list(_LIVE):
         prop._spec_lazy = bool(on)
         n += 1
+    for runner in list(_RUNNERS):
+        runner._spec_plain = bool(on)
     return n
 
 
@@ -67,6 +86,22 @@ def _settings_from_env() -> tuple[bool, int]:
 
     cfg = PluginConfig.from_env()
     return cfg.controls_k and cfg.lazy_drafter, cfg.catchup_max_tokens
+
+
+def _note_gaps(prop: Any, cad, target_positions) -> None:
+    """A step without the drafter's pass: each request remembers the first position the drafter missed."""
+    gaps = prop._spec_gaps
+    n = cad.num_reqs
+    req_ids = prop._spec_runner.input_batch.req_ids
+    for rid, s in zip(req_ids[:n], _query_starts(cad, target_positions)):
+        g = gaps.get(rid)
+        if g is None or s < g:  # (a recomputed request starts over)
+            gaps[rid] = s
+    if len(gaps) > 4 * n + 64:  # finished requests
+        live = set(prop._spec_runner.requests)
+        for rid in [r for r in gaps if r not in live]:
+            del gaps[rid]
+    STATS["skipped_passes"] += 1
 
 
 def _query_starts(cad, target_positions) -> list[int]:
@@ -179,17 +214,7 @@ def install() -> bool:
             cad = common_attn_metadata
             try:
                 if num_speculative_tokens == 0 and self._spec_lazy:
-                    n = cad.num_reqs
-                    req_ids = self._spec_runner.input_batch.req_ids
-                    for rid, s in zip(req_ids[:n], _query_starts(cad, target_positions)):
-                        g = gaps.get(rid)
-                        if g is None or s < g:  # (a recomputed request starts over)
-                            gaps[rid] = s
-                    if len(gaps) > 4 * n + 64:  # finished requests
-                        live = set(self._spec_runner.requests)
-                        for rid in [r for r in gaps if r not in live]:
-                            del gaps[rid]
-                    STATS["skipped_passes"] += 1
+                    _note_gaps(self, cad, target_positions)
                     return torch.empty(cad.batch_size(), 0, device=target_token_ids.device, dtype=torch.int64)
                 if gaps and num_speculative_tokens > 0:
                     got = _catch_up(self, gaps, self._spec_runner.input_batch.req_ids, target_token_ids,
@@ -197,11 +222,8 @@ def install() -> bool:
                     if got is not None:
                         target_token_ids, target_positions, target_hidden_states, cad = got
                         token_indices_to_sample = None  # recomputed by the first pass from the new layout
-            except Exception as exc:
-                STATS["errors"] += 1
-                if STATS["errors"] in (1, 10, 100):
-                    log.exception("spec-controller: lazy drafter error #%d (%s)", STATS["errors"],
-                                  type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 -- vLLM's own pass for this step
+                _count_error(exc, "lazy drafter")
                 cad = common_attn_metadata
             return orig_propose(self, num_speculative_tokens, target_token_ids, target_positions,
                                 target_hidden_states, next_token_ids, token_indices_to_sample,
@@ -210,4 +232,83 @@ def install() -> bool:
         DraftModelProposer.__init__ = __init__
         DraftModelProposer.propose = propose
         DraftModelProposer._spec_lazy_hooked = True
-        return True
+    _install_runner()
+    return True
+
+
+def _count_error(exc: Exception, what: str) -> None:
+    STATS["errors"] += 1
+    if STATS["errors"] in (1, 10, 100):
+        log.exception("spec-controller: %s error #%d (%s)", what, STATS["errors"], type(exc).__name__)
+
+
+def _install_runner() -> bool:
+    """Patch ``GPUModelRunner`` so steps with nothing to draft or verify take vLLM's plain path."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except Exception as exc:  # noqa: BLE001 -- another vLLM layout: k = 0 keeps vLLM's speculative path
+        log.warning("spec-controller: plain k = 0 steps not available (%s)", exc)
+        return False
+    with _LOCK:
+        if getattr(GPUModelRunner, "_spec_plain_hooked", False):
+            return True
+        orig_init = GPUModelRunner.__init__
+        orig_sample = GPUModelRunner._sample
+        orig_propose = GPUModelRunner.propose_draft_token_ids
+
+        @functools.wraps(orig_init)
+        def __init__(self, *args, **kwargs):
+            orig_init(self, *args, **kwargs)
+            self._spec_plain = False
+            try:
+                on, _ = _settings_from_env()
+                if on and self.speculative_config is not None and not self.use_async_scheduling:
+                    self._spec_plain = True
+                    _RUNNERS.add(self)
+            except Exception as exc:  # noqa: BLE001
+                log.error("spec-controller: plain k = 0 steps off (%s)", exc)
+
+        @functools.wraps(orig_sample)
+        def _sample(self, logits, spec_decode_metadata):
+            if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
+                    and getattr(self, "_spec_plain", False)):
+                meta = self.input_batch.sampling_metadata
+                if meta.max_num_logprobs is None and not meta.logprob_token_ids:
+                    STATS["plain_samples"] += 1
+                    return orig_sample(self, logits, None)
+            return orig_sample(self, logits, spec_decode_metadata)
+
+        @functools.wraps(orig_propose)
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                    sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                    common_attn_metadata, *args, **kwargs):
+            if scheduler_output.num_spec_tokens_to_schedule == 0 and getattr(self, "_spec_plain", False):
+                try:
+                    got = _skip_proposal(self, scheduler_output, sampled_token_ids, common_attn_metadata)
+                    if got is not None:
+                        STATS["skipped_proposals"] += 1
+                        return got
+                except Exception as exc:  # noqa: BLE001 -- vLLM's own path for this step
+                    _count_error(exc, "plain k = 0 step")
+            return orig_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                common_attn_metadata, *args, **kwargs)
+
+        GPUModelRunner.__init__ = __init__
+        GPUModelRunner._sample = _sample
+        GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+        GPUModelRunner._spec_plain_hooked = True
+    return True
+
+
+def _skip_proposal(runner: Any, scheduler_output: Any, sampled_token_ids: Any, cad: Any):
+    """The empty proposal of a k = 0 step, without vLLM's bookkeeping; None where vLLM's path is needed."""
+    spec = runner.speculative_config
+    if spec.method == "ngram":  # stateless: nothing to keep
+        return [[] for _ in range(len(sampled_token_ids))]
+    prop = runner.drafter
+    if (spec.uses_draft_model() and getattr(prop, "_spec_gaps", None) is not None and prop._spec_lazy
+            and not spec.disable_padded_drafter_batch):
+        _note_gaps(prop, cad, runner._get_positions(scheduler_output.total_num_scheduled_tokens))
+        return torch.empty(cad.batch_size(), 0, device=cad.query_start_loc.device, dtype=torch.int64)
+    return None

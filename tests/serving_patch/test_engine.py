@@ -216,14 +216,14 @@ def _capture_drafts(monkeypatch) -> list:
     return log
 
 
-def _run_once(engines, prompts, switch_lazy=None, **plugin):
+def _run_once(engines, prompts, switch_lazy=None, method="draft_model", **plugin):
     from serving_patch import controllers, drafter
 
     drafter.reset_stats()
-    llm = engines.make("draft_model", **plugin)
+    llm = engines.make(method, **plugin)
     try:
         if switch_lazy is not None:
-            assert drafter.set_lazy(switch_lazy) >= 1  # (engines of earlier tests may still be alive)
+            assert drafter.set_lazy(switch_lazy) >= (method == "draft_model")  # (earlier tests' engines too)
         outs = generate(llm, prompts)
     finally:
         controllers()[-1].close()
@@ -284,3 +284,47 @@ def test_lazy_drafter_off_never_drafts_and_a_capped_catch_up_stays_correct(engin
         assert log and stats["dropped"] > 0 and 0 < stats["catchup_tokens"] <= 8 * stats["catchup_passes"]
     assert stats["errors"] == 0
     assert outs == reference
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("case", ["static:0", "flip off/on", "switched off", "skip raises"])
+def test_k0_steps_take_vllms_plain_path(engines, reference, prompts, monkeypatch, method, case):
+    """A step that verifies no drafts samples with the plain sampler (the rejection sampler is not
+    called); a step whose next k is 0 skips the runner's proposer bookkeeping (draft_model notes its
+    gaps there).  Switched off, vLLM's own path runs; if the skip raises, the step falls back to it and
+    counts the error.  Outputs are the reference's in every case."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    from serving_patch import drafter
+
+    verified = []
+    inner = RejectionSampler.forward
+
+    def forward(self, metadata, *args, **kwargs):
+        verified.append(metadata.max_spec_len)
+        return inner(self, metadata, *args, **kwargs)
+
+    monkeypatch.setattr(RejectionSampler, "forward", forward)
+    plugin = {"controller": "cycle:0,4" if case == "flip off/on" else "static:0"}
+    if case == "switched off":
+        plugin["switch_lazy"] = False
+    if case == "skip raises":
+        def boom(*a, **k):
+            raise RuntimeError("injected")
+        monkeypatch.setattr(drafter, "_skip_proposal", boom)
+    outs, stats = _run_once(engines, prompts, method=method, **plugin)
+    assert outs == reference
+    gaps_noted = stats["skipped_passes"] > 0
+    if case == "switched off":  # vLLM's path: the rejection sampler at every step, drafts or not
+        assert stats["plain_samples"] == stats["skipped_proposals"] == stats["skipped_passes"] == 0, stats
+        assert verified and set(verified) == {0}
+        return
+    if case == "flip off/on":  # only steps with drafts to verify reach the rejection sampler
+        assert verified and min(verified) > 0 and stats["plain_samples"] > 0, (stats, verified)
+    else:
+        assert not verified and stats["plain_samples"] > 0, (stats, verified)
+    if case == "skip raises":
+        assert stats["skipped_proposals"] == 0 and stats["errors"] > 0, stats
+    else:
+        assert stats["errors"] == 0 and stats["skipped_proposals"] > 0, stats
+    assert gaps_noted == (method == "draft_model")  # (the proposer-level skip when the runner's raised)
