@@ -9,10 +9,12 @@ finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens, prefix cachin
 every configuration pays the same prefill), tokens/s and mean request latency for:
 
 - ``no-spec``: an engine without speculation;
-- ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``); with
+- ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``): the
+  runner takes vLLM's plain path (plain sampler, no proposer bookkeeping) and with
   ``draft_model`` the lazy drafter skips the drafter pass (:mod:`serving_patch.drafter`);
-- ``off (pass)`` (``draft_model`` only): the same with the lazy drafter off, i.e. vLLM's own k = 0,
-  which still runs the drafter once per step (the tax; not counted as a choice in learned/best);
+- ``off (vllm)``: the same with those switched off, i.e. vLLM's own k = 0, which still runs the
+  speculative path every step and, with ``draft_model``, the drafter once per step (the tax; not
+  counted as a choice in learned/best; called ``off (pass)`` in earlier runs);
 - ``k=1`` .. ``k=max``: the controller holding a static k;
 - ``vllm table``: vLLM's own ``num_speculative_tokens_per_batch_size`` (no plugin), with the
   learned policy's table (``train-controller``'s ``vllm_schedule.json``) pasted in;
@@ -27,8 +29,8 @@ compared at a level run within minutes of each other and slow drift in the machi
 favour whichever ran first.  Also measured: the per-step
 decision cost (``ControlledLookup.__getitem__``) and the whole hook against the step time, the
 recorder's cost (its own time per step, and an A/B of the same configuration with and
-without recording), and with ``draft_model`` the k = 0 drafter tax (``off (pass)`` / ``no-spec``) and
-what is left of it with the lazy drafter (``off (ctl)`` / ``no-spec``).
+without recording), and the k = 0 tax (``off (vllm)`` / ``no-spec``) and what is left of it through
+the plugin (``off (ctl)`` / ``no-spec``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from policies.evaluate import paired_ratio
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
-VLLM_PASS = "off (pass)"
-STATICS = ["off (ctl)"] + [f"k={k}" for k in range(1, MAX_K + 1)]  # the choices; "off (pass)" is the same k as off
+VLLM_PASS = "off (vllm)"
+STATICS = ["off (ctl)"] + [f"k={k}" for k in range(1, MAX_K + 1)]  # the choices; "off (vllm)" is the same k as off
 MIN_REQUESTS = 12  # requests per level: max(MIN_REQUESTS, 3 x c); --min-requests
 
 
@@ -134,8 +136,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     run_level(llm, 2, prompts, 8, 0)
     overhead = {}
     configs = [(name, f"static:{k}") for k, name in enumerate(STATICS)] + [("learned", f"embedded:{policy}")]
-    if method == "draft_model":  # k = 0 with vLLM's drafter pass on every step (the lazy drafter off)
-        configs.insert(1, (VLLM_PASS, "static:0"))
+    configs.insert(1, (VLLM_PASS, "static:0"))  # k = 0 the way vLLM runs it (plain path and lazy drafter off)
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
     # compared at one level run within minutes of each other and slow drift in the machine hits them alike
     acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
@@ -168,15 +169,17 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
     srcs = dict(configs)
     for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
-        names = list(dict.fromkeys(["learned", best, "off (ctl)", "no-spec"]))
+        names = list(dict.fromkeys(["learned", best, "off (ctl)", VLLM_PASS, "no-spec"]))
         runs: dict[str, list[float]] = {n: [] for n in names}
         for i in range(confirm_rounds):
             for name in (names if i % 2 == 0 else names[::-1]):
                 if name == "no-spec":
                     runs[name].append(run_level(base, c, prompts, max_tokens, offset=c)[0])
                 else:
+                    drafter.set_lazy(name != VLLM_PASS)
                     ctl.set_source(srcs[name])
                     runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c)[0])
+        drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs}
 
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
@@ -223,16 +226,21 @@ def report(method: str, levels: list[int], res: dict) -> None:
                   f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s)")
             print(f"  {'':6} off (ctl) / no-spec  {paired_ratio(runs['off (ctl)'], runs['no-spec'])}   "
                   f"(off (ctl) {mean['off (ctl)']:.1f}, no-spec {mean['no-spec']:.1f} tok/s)")
+            print(f"  {'':6} {VLLM_PASS} / no-spec {paired_ratio(runs[VLLM_PASS], runs['no-spec'])}   "
+                  f"({VLLM_PASS} {mean[VLLM_PASS]:.1f} tok/s)")
+            print(f"  {'':6} off (ctl) / {VLLM_PASS} {paired_ratio(runs['off (ctl)'], runs[VLLM_PASS])}   "
+                  "(what the plugin's k = 0 saves)")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
     print("off (ctl) / no-spec tokens/s: " + ", ".join(
         f"c={c} {rows['off (ctl)'][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
-        + ("  (lazy drafter: k = 0 runs no drafter pass)" if method == "draft_model" else ""))
+        + "  (plugin's k = 0: plain path" + (", no drafter pass)" if method == "draft_model" else ")"))
     if VLLM_PASS in rows:
         print(f"{VLLM_PASS} / no-spec tokens/s: " + ", ".join(
             f"c={c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
-            + "  (vLLM's k = 0: the drafter still runs once per step, the tax the lazy drafter removes)")
+            + "  (vLLM's k = 0: speculative path every step" + (", drafter pass" if method == "draft_model" else "")
+            + "; the tax the plugin removes)")
     print("per-step controller cost (decision = table lookup; whole hook incl. step record) vs mean step:")
     for name, (choose_us, hook_us, step_ms, steps) in res["overhead"].items():
         print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, step {step_ms:7.2f} ms "
