@@ -13,9 +13,10 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER_EXPLORE_HOLD``    steps a random k is held once drawn (1); > 1 makes each
                                   random k draft *and* verify at that k, so recorded step
                                   times belong to one k (vLLM verifies a step late)
-``SPEC_CONTROLLER_LAZY_DRAFTER``    1 (default): with ``draft_model``, k = 0 skips the drafter pass
-                                  and k > 0 catches its KV up first (:mod:`serving_patch.drafter`);
-                                  0 keeps vLLM's pass on every step
+``SPEC_CONTROLLER_LAZY_DRAFTER``    1 (default): k = 0 steps take vLLM's plain path (plain
+                                  sampler, no proposer bookkeeping) and, with ``draft_model``,
+                                  skip the drafter pass, k > 0 catching its KV up first
+                                  (:mod:`serving_patch.drafter`); 0 keeps vLLM's own k = 0
 ``SPEC_CONTROLLER_CATCHUP_MAX_TOKENS``  cap on the tokens one catch-up adds to the drafter pass
                                   (0 = the drafter's buffer, max_num_batched_tokens); a
                                   longer gap keeps its newest tokens (bounds the step's time)

@@ -30,7 +30,7 @@ exists, drafts or not.  Two pieces of it are skipped when they have nothing to d
 
 Both only with synchronous scheduling (vLLM's CPU platform; async scheduling keeps vLLM's
 path, whose bookkeeping feeds the next step) and, for the sampler, when no request asks for
-logprobs.
+logprobs or carries a thinking budget (both lay out their state per speculative row).
 
 On by default whenever the controller chooses k (``SPEC_CONTROLLER`` set, not ``vllm``);
 ``SPEC_CONTROLLER_LAZY_DRAFTER=0`` restores vLLM's behaviour.  Any error in the catch-up
@@ -175,7 +175,12 @@ def _catch_up(prop: Any, gaps: dict[str, int], req_ids: list[str], target_token_
 
 
 def install() -> bool:
-    """Patch ``DraftModelProposer`` once per process; returns whether the patch is in place."""
+    """Patch ``DraftModelProposer`` and ``GPUModelRunner`` once per process; returns whether both are in place."""
+    proposer = _install_proposer()
+    return _install_runner() and proposer
+
+
+def _install_proposer() -> bool:
     try:
         from vllm.v1.spec_decode.draft_model import DraftModelProposer
     except Exception as exc:  # noqa: BLE001 -- another vLLM layout: the plugin runs without it
@@ -232,7 +237,6 @@ def install() -> bool:
         DraftModelProposer.__init__ = __init__
         DraftModelProposer.propose = propose
         DraftModelProposer._spec_lazy_hooked = True
-    _install_runner()
     return True
 
 
@@ -273,7 +277,9 @@ def _install_runner() -> bool:
             if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
                     and getattr(self, "_spec_plain", False)):
                 meta = self.input_batch.sampling_metadata
-                if meta.max_num_logprobs is None and not meta.logprob_token_ids:
+                budget = getattr(meta, "thinking_budget_state_holder", None)  # (counts spec layouts itself)
+                if (meta.max_num_logprobs is None and not meta.logprob_token_ids
+                        and (budget is None or not budget.has_tracked_requests())):
                     STATS["plain_samples"] += 1
                     return orig_sample(self, logits, None)
             return orig_sample(self, logits, spec_decode_metadata)

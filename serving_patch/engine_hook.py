@@ -477,6 +477,9 @@ class StepController:
             out["source"] = {"kind": self.source.name, **self.source.stats()}
         if self.recorder is not None:
             out["recorder"] = {**self.recorder.stats(), "us_per_step": self.recorder.ns / 1000 / steps}
+        from serving_patch import drafter
+
+        out["k0_path"] = dict(drafter.STATS)  # lazy drafter and plain k = 0 steps (this process's runners)
         return out
 
     def close(self) -> None:

@@ -225,6 +225,7 @@ def _run_once(engines, prompts, switch_lazy=None, method="draft_model", **plugin
         if switch_lazy is not None:
             assert drafter.set_lazy(switch_lazy) >= (method == "draft_model")  # (earlier tests' engines too)
         outs = generate(llm, prompts)
+        assert controllers()[-1].stats()["k0_path"] == drafter.STATS
     finally:
         controllers()[-1].close()
         llm.llm_engine.engine_core.shutdown()
@@ -328,3 +329,28 @@ def test_k0_steps_take_vllms_plain_path(engines, reference, prompts, monkeypatch
     else:
         assert stats["errors"] == 0 and stats["skipped_proposals"] > 0, stats
     assert gaps_noted == (method == "draft_model")  # (the proposer-level skip when the runner's raised)
+
+
+def test_k0_steps_with_logprobs_keep_the_rejection_sampler(engines, reference, prompts, monkeypatch):
+    """Requests that ask for logprobs keep vLLM's sampler path at k = 0 (its logprob layout is per
+    speculative row); tokens are still the reference's and logprobs come back."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    from serving_patch import controllers, drafter
+
+    calls = []
+    inner = RejectionSampler.forward
+    monkeypatch.setattr(RejectionSampler, "forward", lambda self, *a, **k: calls.append(1) or inner(self, *a, **k))
+    drafter.reset_stats()
+    llm = engines.make("draft_model", controller="static:0")
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], sp, use_tqdm=False)
+    finally:
+        controllers()[-1].close()
+        llm.llm_engine.engine_core.shutdown()
+        engines.live.remove(llm)
+    assert [list(o.outputs[0].token_ids) for o in outs] == reference[:4]
+    assert all(len(o.outputs[0].logprobs) == MAX_TOKENS for o in outs)
+    assert calls and drafter.STATS["plain_samples"] == 0 and drafter.STATS["skipped_proposals"] > 0
