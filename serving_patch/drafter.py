@@ -3,7 +3,7 @@
 vLLM 0.32's ``SpecDecodeBaseProposer.propose`` runs the drafter's first forward pass over every
 token the target computed in the step even when the step's k is 0 ("to keep the drafter KV
 cache in sync"), so "off through the controller" still pays a drafter pass per step: 2-14%
-of tokens/s on this machine (``bench/bench_engine.py``, ``off (pass)`` vs ``off (ctl)``).  This
+of tokens/s on this machine (``bench/bench_engine.py``, ``off (vllm)`` vs ``off (ctl)``).  This
 module removes that tax for the ``draft_model`` method, the one whose drafter keeps its own KV:
 
 * a step with k = 0 does not run the drafter; each request in the batch remembers the first

@@ -216,7 +216,7 @@ def _capture_drafts(monkeypatch) -> list:
     return log
 
 
-def _run_once(engines, prompts, switch_lazy=None, method="draft_model", **plugin):
+def _run_once(engines, prompts, switch_lazy=None, method="draft_model", gen=generate, **plugin):
     from serving_patch import controllers, drafter
 
     drafter.reset_stats()
@@ -224,13 +224,28 @@ def _run_once(engines, prompts, switch_lazy=None, method="draft_model", **plugin
     try:
         if switch_lazy is not None:
             assert drafter.set_lazy(switch_lazy) >= (method == "draft_model")  # (earlier tests' engines too)
-        outs = generate(llm, prompts)
+        outs = gen(llm, prompts)
         assert controllers()[-1].stats()["k0_path"] == drafter.STATS
     finally:
         controllers()[-1].close()
         llm.llm_engine.engine_core.shutdown()
         engines.live.remove(llm)
     return outs, dict(drafter.STATS)
+
+
+def _count_verifications(monkeypatch) -> list:
+    """The ``max_spec_len`` of every rejection-sampler call, in order."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    verified: list = []
+    inner = RejectionSampler.forward
+
+    def forward(self, metadata, *args, **kwargs):
+        verified.append(metadata.max_spec_len)
+        return inner(self, metadata, *args, **kwargs)
+
+    monkeypatch.setattr(RejectionSampler, "forward", forward)
+    return verified
 
 
 def _same_fraction(a: list, b: list) -> float:
@@ -294,18 +309,9 @@ def test_k0_steps_take_vllms_plain_path(engines, reference, prompts, monkeypatch
     called); a step whose next k is 0 skips the runner's proposer bookkeeping (draft_model notes its
     gaps there).  Switched off, vLLM's own path runs; if the skip raises, the step falls back to it and
     counts the error.  Outputs are the reference's in every case."""
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
-
     from serving_patch import drafter
 
-    verified = []
-    inner = RejectionSampler.forward
-
-    def forward(self, metadata, *args, **kwargs):
-        verified.append(metadata.max_spec_len)
-        return inner(self, metadata, *args, **kwargs)
-
-    monkeypatch.setattr(RejectionSampler, "forward", forward)
+    verified = _count_verifications(monkeypatch)
     plugin = {"controller": "cycle:0,4" if case == "flip off/on" else "static:0"}
     if case == "switched off":
         plugin["switch_lazy"] = False
@@ -335,22 +341,13 @@ def test_k0_steps_with_logprobs_keep_the_rejection_sampler(engines, reference, p
     """Requests that ask for logprobs keep vLLM's sampler path at k = 0 (its logprob layout is per
     speculative row); tokens are still the reference's and logprobs come back."""
     from vllm import SamplingParams
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
 
-    from serving_patch import controllers, drafter
-
-    calls = []
-    inner = RejectionSampler.forward
-    monkeypatch.setattr(RejectionSampler, "forward", lambda self, *a, **k: calls.append(1) or inner(self, *a, **k))
-    drafter.reset_stats()
-    llm = engines.make("draft_model", controller="static:0")
-    try:
+    def with_logprobs(llm, ps):
         sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], sp, use_tqdm=False)
-    finally:
-        controllers()[-1].close()
-        llm.llm_engine.engine_core.shutdown()
-        engines.live.remove(llm)
+        return llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+
+    verified = _count_verifications(monkeypatch)
+    outs, stats = _run_once(engines, prompts[:4], gen=with_logprobs, controller="static:0")
     assert [list(o.outputs[0].token_ids) for o in outs] == reference[:4]
     assert all(len(o.outputs[0].logprobs) == MAX_TOKENS for o in outs)
-    assert calls and drafter.STATS["plain_samples"] == 0 and drafter.STATS["skipped_proposals"] > 0
+    assert verified and stats["plain_samples"] == 0 and stats["skipped_proposals"] > 0
