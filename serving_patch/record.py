@@ -36,22 +36,46 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "record"]
+__all__ = ["azure_requests", "main", "record"]
+
+# the Azure sizes scaled for the tiny models (record-trace's defaults; bench_engine's wave levels use them too)
+PROMPT_SCALE, OUTPUT_SCALE, MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS = 0.125, 0.5, 384, 128
+
+
+def azure_requests(ids, *, room: int, start_s: float = 0.0, window_s: float = 7200.0, time_scale: float = 1.0,
+                   prompt_scale: float = PROMPT_SCALE, output_scale: float = OUTPUT_SCALE,
+                   max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_output_tokens: int = MAX_OUTPUT_TOKENS,
+                   seed: int = 0, azure_csv: str | None = None) -> list:
+    """The Azure conversation trace's requests in ``[start_s, start_s + window_s)`` of its original
+    timeline (arrivals played ``time_scale`` times as fast), sizes scaled and clipped, a prompt + output
+    within ``room`` tokens; prompts are windows of the corpus token ids ``ids`` of exactly those
+    lengths (seeded).  Empty if the window holds no request."""
+    import numpy as np
+
+    from envs.azure import DEFAULT_AZURE_CSV, read_azure_csv
+    from serving_patch.load import LoadRequest, synth_prompts
+
+    load = read_azure_csv(azure_csv or DEFAULT_AZURE_CSV, time_scale=time_scale, start_s=start_s, duration_s=window_s)
+    outs = np.clip(np.round(load.output_tokens * output_scale), 1, max_output_tokens).astype(int)
+    prompts_len = np.clip(np.round(load.prompt_tokens * prompt_scale), 1, max_prompt_tokens).astype(int)
+    prompts_len = np.minimum(prompts_len, room - outs)
+    prompts = synth_prompts(ids, prompts_len, seed=seed)
+    return [LoadRequest(f"r{i}", float(a), p, int(o)) for i, (a, p, o) in
+            enumerate(zip(load.arrival_s, prompts, outs))]
 
 
 def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 0.2, start_s: float = 0.0,
-           duration_s: float = 60.0, prompt_scale: float = 0.125, output_scale: float = 0.5,
-           max_prompt_tokens: int = 384, max_output_tokens: int = 128, controller: str | None = None,
+           duration_s: float = 60.0, prompt_scale: float = PROMPT_SCALE, output_scale: float = OUTPUT_SCALE,
+           max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_output_tokens: int = MAX_OUTPUT_TOKENS,
+           controller: str | None = None,
            explore: float = 0.3, explore_hold: int = 8, max_num_seqs: int = 32, seed: int = 0,
            models_dir: str | None = None, azure_csv: str | None = None, progress: bool = True,
            concurrency: list[int] | None = None, log=print) -> dict:
     """Record one trace; returns a summary (requests, steps, wall time, the controller's stats)."""
-    import numpy as np
-
-    from envs.azure import AZURE_ATTRIBUTION, DEFAULT_AZURE_CSV, read_azure_csv
+    from envs.azure import AZURE_ATTRIBUTION
     from envs.trace import load_trace
     from serving_patch.engine import EngineSpec, engine_defaults, make_llm
-    from serving_patch.load import LoadRequest, corpus_token_ids, run_load, synth_prompts
+    from serving_patch.load import corpus_token_ids, run_load
     from serving_patch.models import build_tiny_models
 
     engine_defaults()
@@ -65,19 +89,14 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
         raise ValueError(f"--concurrency levels must be in [1, --max-num-seqs={max_num_seqs}], got {concurrency}")
     # a sweep needs sizes for many requests: a long window of the original timeline, sizes only
     window = 7200.0 if concurrency else duration_s * time_scale
-    load = read_azure_csv(azure_csv or DEFAULT_AZURE_CSV, time_scale=1.0 if concurrency else time_scale,
-                          start_s=start_s, duration_s=window)
-    if not len(load.arrival_s):
+    ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
+    reqs = azure_requests(ids, room=spec.max_model_len - 1, start_s=start_s, window_s=window,
+                          time_scale=1.0 if concurrency else time_scale, prompt_scale=prompt_scale,
+                          output_scale=output_scale, max_prompt_tokens=max_prompt_tokens,
+                          max_output_tokens=max_output_tokens, seed=seed, azure_csv=azure_csv)
+    if not reqs:
         raise ValueError(f"the Azure window start_s={start_s}, duration {duration_s * time_scale:g} s (original "
                          f"timeline) holds no request")
-    room = spec.max_model_len - 1
-    outs = np.clip(np.round(load.output_tokens * output_scale), 1, max_output_tokens).astype(int)
-    prompts_len = np.clip(np.round(load.prompt_tokens * prompt_scale), 1, max_prompt_tokens).astype(int)
-    prompts_len = np.minimum(prompts_len, room - outs)
-    ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
-    prompts = synth_prompts(ids, prompts_len, seed=seed)
-    reqs = [LoadRequest(f"r{i}", float(a), p, int(o)) for i, (a, p, o) in
-            enumerate(zip(load.arrival_s, prompts, outs))]
     controller = controller or f"static:{max_k}"
     sizes = (f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
              f"{AZURE_ATTRIBUTION}")
@@ -149,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=0.2, help="arrival-rate multiplier of the Azure trace")
     ap.add_argument("--start-s", type=float, default=0.0, help="window start on the original Azure timeline")
     ap.add_argument("--duration-s", type=float, default=60.0, help="length of the replay in seconds")
-    ap.add_argument("--prompt-scale", type=float, default=0.125)
-    ap.add_argument("--output-scale", type=float, default=0.5)
-    ap.add_argument("--max-prompt-tokens", type=int, default=384)
-    ap.add_argument("--max-output-tokens", type=int, default=128)
+    ap.add_argument("--prompt-scale", type=float, default=PROMPT_SCALE)
+    ap.add_argument("--output-scale", type=float, default=OUTPUT_SCALE)
+    ap.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS)
+    ap.add_argument("--max-output-tokens", type=int, default=MAX_OUTPUT_TOKENS)
     ap.add_argument("--controller", default=None,
                     help="SPEC_CONTROLLER for the recording engine (default static:<max-k>); see serving_patch.config")
     ap.add_argument("--explore", type=float, default=0.3, help="fraction of steps on a uniformly random k")

@@ -197,7 +197,7 @@ def test_sidecar_source_drives_the_engine(engines, reference, prompts, tmp_path)
 
 
 @pytest.mark.parametrize("waves", [True, False], ids=["waves", "closed loop"])
-def test_run_load_waves_drain_before_the_next_wave(engines, reference, prompts, monkeypatch, waves):
+def test_run_load_waves_drain_before_the_next_wave(engines, prompts, monkeypatch, waves):
     """``run_load(waves=True)``: a wave of ``concurrency`` requests is added together and the next
     only once all have finished, so the live batch falls within a wave and jumps back only from 0;
     the plain closed loop refills as requests finish.  Every request gets its own output length.
