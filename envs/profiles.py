@@ -28,7 +28,15 @@ logit offset ``delta[b]`` for time bin ``b`` shared by all positions:
 ``p_b[i] = sigmoid(logit(p[i]) + delta[b])`` -- a code-heavy phase has positive delta, a
 chat-heavy phase negative.  Fitting estimates ``p`` from ``accepted_per_pos`` counts
 pooled over the trace and each bin's delta by maximum likelihood with a shrinkage prior,
-so bins with little speculation stay near the average.
+so bins with little speculation stay near the average.  Not every sequence gets a draft:
+``propose`` is the fraction of decoding sequences with one when k > 0 (1 for a draft model,
+~0.5-0.7 for vLLM's ``ngram`` proposer on the tiny models, which drafts only where the
+context repeats an n-gram), one value per k: ``propose[k - 1]`` is fitted as ``drafts /
+batch_size`` over the steps at that k (shrunk toward the value pooled over all k).  It falls
+with k for ``ngram``: a longer k finishes a sequence's repetitive stretch in fewer steps, so
+a larger share of the steps is spent where nothing matches.  The rates ``p`` are per drafted
+sequence.  The cost profile is fitted on the same steps, so its ``(batch, k)`` cost already
+averages over the drafted share.
 """
 
 from __future__ import annotations
@@ -357,12 +365,18 @@ class AcceptanceProfile:
     bin_s: float = 30.0
     delta: list[float] = field(default_factory=lambda: [0.0])
     cyclic: bool = False
+    propose: float | list[float] = 1.0
     report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         p = np.asarray(self.p, dtype=np.float64)
         if p.ndim != 1 or len(p) < 1 or np.any((p < 0) | (p > 1)):
             raise ValueError(f"acceptance p must be a non-empty list of probabilities, got {self.p!r}")
+        prop = np.atleast_1d(np.asarray(self.propose, dtype=np.float64))
+        if prop.ndim != 1 or len(prop) not in (1, len(p)) or np.any(~((prop > 0) & (prop <= 1))):
+            raise ValueError(f"acceptance propose (the fraction of sequences that get a draft, one number or one per "
+                             f"k = 1..{len(p)}) must hold values in (0, 1], got {self.propose!r}")
+        self._propose = np.broadcast_to(prop, p.shape).copy()
         if self.bin_s <= 0:
             raise ValueError(f"bin_s must be > 0, got {self.bin_s}")
         if not self.delta:
@@ -408,13 +422,23 @@ class AcceptanceProfile:
         q = self.rates(t_s, width)[: min(k, self.depth)]
         return float(np.cumprod(q).sum())
 
+    def propose_rate(self, k: int) -> float:
+        """The fraction of decoding sequences that get a draft at speculative length ``k`` (0 at k = 0)."""
+        if k <= 0:
+            return 0.0
+        return float(self._propose[min(k, self.depth) - 1])
+
+    def expected_gain(self, k: int, width: int = 1, t_s: float = 0.0) -> float:
+        """E[accepted tokens per decoding sequence]: :meth:`expected_accepted` times :meth:`propose_rate`."""
+        return self.propose_rate(k) * self.expected_accepted(k, width, t_s)
+
     def mean_delta(self) -> float:
         return float(np.mean(self._delta))
 
     def to_dict(self) -> dict:
         return {"kind": "acceptance", "p": list(map(float, self.p)), "width_rho": self.width_rho,
                 "bin_s": self.bin_s, "delta": list(map(float, self.delta)), "cyclic": self.cyclic,
-                "report": self.report}
+                "propose": self._propose.tolist(), "report": self.report}
 
 
 def _position_counts(trace: Trace):
@@ -447,8 +471,24 @@ def _newton_offset(trials, succ, base_logit, e, d0: float = 0.0, prior: float = 
     return d
 
 
+def _fit_propose(traces: list[Trace], depth: int, prior: float) -> list[float]:
+    """Per k = 1..depth, the share of decoding sequences that got a draft on the steps at that k,
+    shrunk toward the share pooled over every k > 0 (``prior`` sequences make a k's own count half)."""
+    k = np.concatenate([t.steps["k"] for t in traces]).astype(np.int64)
+    batch = np.concatenate([t.steps["batch_size"] for t in traces]).astype(np.float64)
+    drafts = np.concatenate([t.steps["drafts"] for t in traces]).astype(np.float64)
+    on = k > 0
+    if batch[on].sum() <= 0:
+        return [1.0] * depth
+    pooled = min(1.0, drafts[on].sum() / batch[on].sum())
+    n = np.bincount(k[on], weights=batch[on], minlength=depth + 1)[1: depth + 1]
+    d = np.bincount(k[on], weights=drafts[on], minlength=depth + 1)[1: depth + 1]
+    return np.clip((d + prior * pooled) / (n + prior), 0.01, 1.0).tolist()
+
+
 def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float = 0.7,
-                   prior_strength: float = 200.0, iterations: int = 4) -> AcceptanceProfile:
+                   prior_strength: float = 200.0, iterations: int = 4,
+                   propose_prior: float = 200.0) -> AcceptanceProfile:
     """Fit an :class:`AcceptanceProfile` from ``accepted_per_pos`` (see the module docstring).
 
     Alternates two maximum-likelihood steps: each time bin's drift offset ``delta[b]`` given
@@ -503,9 +543,11 @@ def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float
             delta -= centre
             lp += centre
     p = np.clip(_sigmoid(lp), 1e-3, 1 - 1e-3)
+    propose = _fit_propose(traces, depth, propose_prior)
     report = {"n_draft_trials": float(tried[0]), "p": p.tolist(), "bins": n_bins,
-              "delta_std": float(np.std(delta))}
-    return AcceptanceProfile(p=p.tolist(), width_rho=width_rho, bin_s=bin_s, delta=delta.tolist(), report=report)
+              "delta_std": float(np.std(delta)), "propose": propose}
+    return AcceptanceProfile(p=p.tolist(), width_rho=width_rho, bin_s=bin_s, delta=delta.tolist(), propose=propose,
+                             report=report)
 
 
 # =========================================================================== serialisation and presets

@@ -32,7 +32,9 @@ class Scenario:
     @classmethod
     def from_traces(cls, traces: str | os.PathLike | Iterable | list[Trace], *, seed: int = 0,
                     acceptance_bin_s: float = 30.0, **config_overrides) -> Scenario:
-        """Fit a scenario to traces; requests come from the first trace that has request records."""
+        """Fit a scenario to traces.  The requests to replay are every trace's request records,
+        one trace after another in the given order (:meth:`RequestArrays.concat`, 10 s apart), so
+        a training set of a light replay and a heavy sweep trains at both loads."""
         if isinstance(traces, (str, os.PathLike)) or not all(isinstance(t, Trace) for t in traces):
             traces = load_traces(traces)
         traces = list(traces)
@@ -53,7 +55,7 @@ class Scenario:
         prov = {"traces": [{"path": str(t.path), "sha256": t.sha256, "source": t.header["source"]}
                            for t in traces],
                 "cost_fit": cost.report, "acceptance_fit": acc.report}
-        return cls(name="+".join(t.path.name for t in traces), requests=RequestArrays.from_trace(with_reqs[0]),
+        return cls(name="+".join(t.path.name for t in traces), requests=RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs]),
                    cost=cost, acceptance=acc, config=config, provenance=prov)
 
     @classmethod

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,6 +102,25 @@ class RequestArrays:
     def from_trace(cls, trace) -> RequestArrays:
         r = trace.requests
         return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"])
+
+    @classmethod
+    def concat(cls, parts: Sequence[RequestArrays], gap_s: float = 10.0) -> RequestArrays:
+        """The parts one after another on one timeline: each part's first arrival ``gap_s``
+        after the previous part's last one (the order of ``parts``; sizes unchanged)."""
+        if not parts:
+            raise ValueError("concat needs at least one RequestArrays")
+        t, pt, ot, end = [], [], [], 0.0
+        for r in parts:
+            if not len(r):
+                continue
+            shift = (end + gap_s if t else 0.0) - float(r.arrival_s[0])
+            t.append(r.arrival_s + shift)
+            pt.append(r.prompt_tokens)
+            ot.append(r.output_tokens)
+            end = float(t[-1][-1])
+        if not t:
+            return cls(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return cls(np.concatenate(t), np.concatenate(pt), np.concatenate(ot))
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -294,12 +314,24 @@ class Simulator:
         B = self._n_decoding
         acc = 0
         if k > 0 and B:
-            lengths = np.searchsorted(self.acceptance.length_cdf(self.t + self.time_offset_s, width),
-                                      self._u[self._decoding], side="right")
+            lengths, _ = self._accept_lengths(self._u[self._decoding], k, self.t + self.time_offset_s, width)
             acc = int(np.minimum(lengths, k).sum())
         prefill = self._prefill_budget(B, k, width)
         kv = min(1.0, self._ctx_total / self.config.kv_capacity_tokens)
         return acc, self.cost.predict_one(B, k, width, prefill, kv)
+
+    def _accept_lengths(self, u: np.ndarray, k: int, t_s: float, width: int) -> tuple[np.ndarray, int]:
+        """Acceptance lengths (before the cap at k) of the decoding slots with uniforms ``u``, and
+        how many of them got a draft: slot ``i`` is drafted iff ``u[i] < propose`` (the profile's
+        rate at this k), and its length comes from ``u[i] / propose`` (so ``propose = 1`` draws
+        exactly as without it)."""
+        cdf = self.acceptance.length_cdf(t_s, width)
+        propose = self.acceptance.propose_rate(k)
+        if propose >= 1.0:
+            return np.searchsorted(cdf, u, side="right"), len(u)
+        drafted = u < propose
+        lengths = np.where(drafted, np.searchsorted(cdf, np.minimum(u / propose, 1.0), side="right"), 0)
+        return lengths, int(drafted.sum())
 
     def _prefill_budget(self, B: int, k: int, width: int) -> int:
         budget = max(0, self.config.max_num_batched_tokens - B * (1 + k * width))
@@ -342,8 +374,7 @@ class Simulator:
         if B:
             dec = self._decoding
             if k > 0:
-                lengths = np.searchsorted(self.acceptance.length_cdf(t0 + self.time_offset_s, width),
-                                          self._u[dec], side="right")
+                lengths, drafts = self._accept_lengths(self._u[dec], k, t0 + self.time_offset_s, width)
                 acc = np.minimum(lengths, k)
                 counts = np.bincount(acc, minlength=k + 1)
                 app = counts[::-1].cumsum()[::-1][1:].tolist()  # drafts whose position i was accepted
@@ -424,7 +455,8 @@ class Simulator:
         self._steps += 1
         self._busy += step_ms / 1000.0
         self._committed += committed
-        drafts = B if k > 0 else 0
+        if k == 0 or not B:
+            drafts = 0
         draft_tokens = drafts * k * width
         self._drafted += draft_tokens
         self._accepted += accepted

@@ -39,7 +39,7 @@ def greedy_policy(cost: CostModel, acceptance: AcceptanceProfile, actions: list[
             return (0, 1)
         best, best_rate = (0, 1), -1.0
         for k, w in actions:
-            exp_tokens = s.batch_size * (1.0 + acceptance.expected_accepted(k, w, s.t_s + time_offset_s))
+            exp_tokens = s.batch_size * (1.0 + acceptance.expected_gain(k, w, s.t_s + time_offset_s))
             rate = exp_tokens / cost.predict_one(s.batch_size, k, w, 0, s.kv_usage)
             if rate > best_rate:
                 best, best_rate = (k, w), rate

@@ -240,20 +240,22 @@ class _BestRate(Policy):
 
 @dataclass
 class GoodputGreedy(_BestRate):
-    """SmartSpec-style goodput maximiser with the fitted cost model and online acceptance."""
+    """SmartSpec-style goodput maximiser with the fitted cost model, the fitted share of sequences that
+    get a draft (``propose``) and the online acceptance."""
 
     name: str = "goodput-greedy"
 
     def reset(self, env):
         super().reset(env)
         self.rho = env.scenario.acceptance.width_rho
+        self.propose = [env.scenario.acceptance.propose_rate(k) for k in range(env.actions.max_k + 1)]
 
     def tokens(self, obs, env, batch_size):
         alpha = float(obs[ALPHA])
 
         def committed(k, w):
             q = 1.0 - (1.0 - alpha) ** (w ** self.rho) if w > 1 else alpha
-            return batch_size * (1 + sum(q ** j for j in range(1, k + 1)))
+            return batch_size * (1 + self.propose[k] * sum(q ** j for j in range(1, k + 1)))
 
         return committed
 
@@ -283,7 +285,7 @@ class ExpectedOracle(_BestRate):
     def tokens(self, obs, env, batch_size):
         sim = env.sim
         t = sim.t + sim.time_offset_s
-        return lambda k, w: batch_size * (1 + (sim.acceptance.expected_accepted(k, w, t) if k else 0.0))
+        return lambda k, w: batch_size * (1 + sim.acceptance.expected_gain(k, w, t))
 
 
 def baseline_suite(env: SpecDecodeEnv, traces: list[Trace] | None = None, user_table: list[list[int]] | None = None,

@@ -120,3 +120,53 @@ def test_trace_action_policy_follows_the_trace(small_synthetic_trace):
         t_s = float(t.steps["t_s"][10])
 
     assert pol(S()) == (int(t.steps["k"][10]), int(t.steps["width"][10]) if t.steps["k"][10] else 1)
+
+
+def test_only_the_proposing_share_drafts_and_a_trace_of_it_fits_back(tmp_path):
+    """``propose`` (one rate per k, like vLLM's ngram matcher that finds nothing for some sequences):
+    the simulator drafts for that share of the batch only, and fitting its trace recovers the rates."""
+    from envs.profiles import fit_acceptance
+    from envs.trace import TraceWriter
+
+    truth = AcceptanceProfile(p=PRE.acceptance.p, propose=[0.9, 0.7, 0.55, 0.4, 0.4, 0.4])
+    sim = Simulator(_requests(600, rate=40.0), PRE.cost, truth, EngineConfig(max_k=PRE.max_k, max_num_seqs=32),
+                    seed=1)
+    rng = np.random.default_rng(0)
+    drafts, batch, gained = np.zeros(5), np.zeros(5), np.zeros(5)
+    path = tmp_path / "propose.jsonl"
+    with TraceWriter(path, max_k=PRE.max_k, widths=[1], source="synthetic") as w:
+        while (s := sim.prepare()) is not None:
+            k = int(rng.integers(0, 5)) if s.batch_size else 0
+            out = sim.execute(k, 1)
+            assert out.drafts <= out.batch_size and out.draft_tokens == out.drafts * k
+            assert out.accepted_tokens <= out.drafts * k  # sequences without a draft accept nothing
+            w.step(**out.record())
+            if k and out.batch_size:
+                drafts[k] += out.drafts
+                batch[k] += out.batch_size
+                gained[k] += out.accepted_tokens
+    share = drafts[1:] / batch[1:]
+    np.testing.assert_allclose(share, truth.propose[:4], atol=0.03)
+    # accepted tokens per decoding sequence follow expected_gain (= propose x per-draft acceptance)
+    np.testing.assert_allclose(gained[1:] / batch[1:], [truth.expected_gain(k) for k in range(1, 5)], rtol=0.06)
+    fitted = fit_acceptance([load_trace(path)])
+    np.testing.assert_allclose(fitted.propose[:4], truth.propose[:4], atol=0.04)
+    np.testing.assert_allclose(fitted.p[:3], truth.p[:3], atol=0.05)
+    # a profile without ``propose`` drafts for every sequence
+    full = AcceptanceProfile(p=PRE.acceptance.p)
+    assert full.propose_rate(3) == 1.0 and full.propose_rate(0) == 0.0
+    with pytest.raises(ValueError, match="propose"):
+        AcceptanceProfile(p=[0.5, 0.5], propose=[0.5, 0.0])
+    with pytest.raises(ValueError, match="one number or one per k = 1..2"):
+        AcceptanceProfile(p=[0.5, 0.5], propose=[0.5, 0.5, 0.5])
+
+
+def test_concat_puts_request_streams_one_after_another():
+    a = RequestArrays([5.0, 6.0, 9.0], [10, 20, 30], [1, 2, 3])
+    b = RequestArrays([100.0, 101.5], [40, 50], [4, 5])
+    c = RequestArrays.concat([a, RequestArrays([], [], []), b], gap_s=10.0)
+    np.testing.assert_allclose(c.arrival_s, [0.0, 1.0, 4.0, 14.0, 15.5])
+    np.testing.assert_array_equal(c.prompt_tokens, [10, 20, 30, 40, 50])
+    np.testing.assert_array_equal(c.output_tokens, [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="at least one"):
+        RequestArrays.concat([])

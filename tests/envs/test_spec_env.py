@@ -118,3 +118,28 @@ def test_acceptance_drift_shows_in_observation(scenario):
         if t % 60 > 20:  # past the EMA's transient
             alpha[int(t // 60) % 2].append(obs[5])
     assert np.mean(alpha[1]) - np.mean(alpha[0]) > 0.2
+
+
+def test_scenario_from_recorded_traces_replays_every_trace_and_reaches_their_batch_sizes():
+    """A light open-loop replay listed first must not hide the heavy sweep after it: the
+    scenario replays every trace's requests in turn, so training sees batches up to max_num_seqs."""
+    from pathlib import Path
+
+    from envs.trace import load_traces
+
+    paths = sorted(str(p) for p in (Path(__file__).resolve().parents[2] / "traces").glob("cpu-tiny-ngram.*.jsonl.gz"))
+    assert len(paths) >= 2 and "azure-x0.05" in paths[0]
+    traces = load_traces(paths)
+    sc = Scenario.from_traces(traces)
+    assert len(sc.requests) == sum(t.n_requests for t in traces)
+    assert sc.acceptance.propose_rate(1) < 0.9  # ngram drafts for only part of the batch
+    env = SpecDecodeEnv(sc, window_s=60.0, load_scales=[1.0])
+    biggest = 0
+    for seed in range(6):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            biggest = max(biggest, env._state.batch_size)
+            _, _, term, trunc, _ = env.step(4)
+            done = term or trunc
+    assert biggest >= 24, biggest
