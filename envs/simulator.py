@@ -19,6 +19,10 @@ Acceptance uses common random numbers: one uniform per sequence slot is drawn wh
 step is prepared, and a sequence's acceptance length is ``L = F^-1(u)`` for the CDF of
 the chosen width, truncated at ``k``.  So the outcome of every action is fixed before
 the action is chosen, which is what the hindsight oracle needs (:meth:`Simulator.peek`).
+Where the proposer drafts for only part of the batch (the profile's ``propose_rate(k)``
+below 1, as with vLLM's ``ngram``), a sequence gets a draft iff ``u < propose_rate(k)``
+and then ``L = F^-1(u / propose_rate(k))``; the others commit one token and count as no
+draft.
 
 Example::
 
