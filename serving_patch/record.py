@@ -17,7 +17,9 @@ runs): for ``--duration-s`` at each level, that many requests in flight, the nex
 one finishes, then the batch drains before the next level; request sizes are the Azure
 window's (scaled the same way) in order, and each request's arrival is its submission time.
 A sweep covers every batch size up to the largest level densely, which the open-loop replay
-of a light trace does not.
+of a light trace does not.  With ``--waves`` each level sends its requests in waves of that
+many instead, the next wave once the whole wave has finished (the benchmark's ``w=N``
+levels), so the batch drains from the level towards 1 in every wave.
 
 The engine runs with the plugin recording (``SPEC_TRACE_OUT``) and a controller choosing k
 (default ``static:<max_k>``) with exploration (``--explore``, a uniformly random k with that
@@ -70,7 +72,7 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
            controller: str | None = None,
            explore: float = 0.3, explore_hold: int = 8, max_num_seqs: int = 32, seed: int = 0,
            models_dir: str | None = None, azure_csv: str | None = None, progress: bool = True,
-           concurrency: list[int] | None = None, log=print) -> dict:
+           concurrency: list[int] | None = None, waves: bool = False, log=print) -> dict:
     """Record one trace; returns a summary (requests, steps, wall time, the controller's stats)."""
     from envs.azure import AZURE_ATTRIBUTION
     from envs.trace import load_trace
@@ -79,6 +81,8 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     from serving_patch.models import build_tiny_models
 
     engine_defaults()
+    if waves and not concurrency:
+        raise ValueError("--waves needs --concurrency (the wave sizes)")
     if time_scale <= 0 or duration_s <= 0:
         raise ValueError(f"--time-scale and --duration-s must be > 0, got {time_scale} and {duration_s}")
     if not 0 < prompt_scale <= 1 or not 0 < output_scale <= 1:
@@ -101,9 +105,11 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     sizes = (f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
              f"{AZURE_ATTRIBUTION}")
     if concurrency:
-        notes = (f"record-trace: closed-loop sweep, concurrency {','.join(map(str, concurrency))} for "
+        kind = "waves of" if waves else "closed-loop sweep, concurrency"
+        notes = (f"record-trace: {kind} {','.join(map(str, concurrency))} for "
                  f"{duration_s:g} s each; request sizes from the Azure conv window from {start_s:g} s, {sizes}")
-        what = f"closed loop at concurrency {','.join(map(str, concurrency))}, {duration_s:g} s each"
+        what = f"{'waves of' if waves else 'closed loop at concurrency'} {','.join(map(str, concurrency))}, " \
+               f"{duration_s:g} s each"
     else:
         notes = f"record-trace: Azure conv window {start_s:g}+{duration_s * time_scale:g} s at x{time_scale:g}, {sizes}"
         what = f"{len(reqs)} requests, x{time_scale:g}, {duration_s:g} s"
@@ -130,7 +136,7 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
             b = bar(f"{method} c={c}")
             level = (reqs[used:] + reqs[:used])[:4096]
             results.append(run_load(llm, level, concurrency=c, submit_s=duration_s, max_wall_s=duration_s * 4 + 120,
-                                    progress=None if b is None else b.update))
+                                    progress=None if b is None else b.update, waves=waves))
             used = (used + results[-1].finished) % len(reqs)
             if b is not None:
                 b.close()
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=None,
                     help="record a closed-loop sweep at these concurrency levels (--duration-s each) instead of "
                          "replaying the arrivals")
+    ap.add_argument("--waves", action="store_true",
+                    help="with --concurrency: send each level's requests in waves of that many, the next wave once "
+                         "the whole wave has finished, so the batch drains from the level towards 1 in every wave")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", default=None, help="tiny model cache (default $SPEC_MODELS_DIR)")
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                          start_s=args.start_s, duration_s=args.duration_s, prompt_scale=args.prompt_scale,
                          output_scale=args.output_scale, max_prompt_tokens=args.max_prompt_tokens,
                          max_output_tokens=args.max_output_tokens, controller=args.controller, explore=args.explore,
-                         explore_hold=args.explore_hold, concurrency=args.concurrency,
+                         explore_hold=args.explore_hold, concurrency=args.concurrency, waves=args.waves,
                          max_num_seqs=args.max_num_seqs, seed=args.seed, models_dir=args.models_dir,
                          azure_csv=args.azure_csv, progress=not args.no_progress,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
