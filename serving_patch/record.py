@@ -99,8 +99,8 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
                           output_scale=output_scale, max_prompt_tokens=max_prompt_tokens,
                           max_output_tokens=max_output_tokens, seed=seed, azure_csv=azure_csv)
     if not reqs:
-        raise ValueError(f"the Azure window start_s={start_s}, duration {duration_s * time_scale:g} s (original "
-                         f"timeline) holds no request")
+        raise ValueError(f"the Azure window start_s={start_s}, duration {window:g} s (original timeline) holds no "
+                         f"request: choose an earlier --start-s")
     controller = controller or f"static:{max_k}"
     sizes = (f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
              f"{AZURE_ATTRIBUTION}")

@@ -24,6 +24,17 @@ def test_closed_loop_sweep_records_every_level(tmp_path):
     assert summary["controller"]["explored"] > 0
 
 
+def test_window_without_requests_is_a_clear_error(tmp_path, capsys):
+    from serving_patch.record import main
+
+    assert main(["--out", str(tmp_path / "x.jsonl"), "--method", "ngram", "--concurrency", "3",
+                 "--start-s", "99999", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "start_s=99999.0, duration 7200 s (original timeline) holds no request" in err
+    assert "choose an earlier --start-s" in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_waves_record_whole_waves_that_drain(tmp_path):
     """``--waves``: a wave is sent whole once the previous one has finished, so in the trace the
     batch only grows again after it has drained to nothing, and every wave finishes."""
