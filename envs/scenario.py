@@ -55,7 +55,8 @@ class Scenario:
         prov = {"traces": [{"path": str(t.path), "sha256": t.sha256, "source": t.header["source"]}
                            for t in traces],
                 "cost_fit": cost.report, "acceptance_fit": acc.report}
-        return cls(name="+".join(t.path.name for t in traces), requests=RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs]),
+        requests = RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs])
+        return cls(name="+".join(t.path.name for t in traces), requests=requests,
                    cost=cost, acceptance=acc, config=config, provenance=prov)
 
     @classmethod

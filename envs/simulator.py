@@ -334,7 +334,7 @@ class Simulator:
         if propose >= 1.0:
             return np.searchsorted(cdf, u, side="right"), len(u)
         drafted = u < propose
-        lengths = np.where(drafted, np.searchsorted(cdf, np.minimum(u / propose, 1.0), side="right"), 0)
+        lengths = np.where(drafted, np.searchsorted(cdf, u / propose, side="right"), 0)
         return lengths, int(drafted.sum())
 
     def _prefill_budget(self, B: int, k: int, width: int) -> int:
@@ -372,6 +372,7 @@ class Simulator:
 
         # ---- decode: acceptance from the prepared uniforms
         accepted = 0
+        drafts = 0
         app: list[int] = []
         committed = 0
         finished_slots = None
@@ -459,8 +460,6 @@ class Simulator:
         self._steps += 1
         self._busy += step_ms / 1000.0
         self._committed += committed
-        if k == 0 or not B:
-            drafts = 0
         draft_tokens = drafts * k * width
         self._drafted += draft_tokens
         self._accepted += accepted

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "EngineSpec", "engine_defaults", "make_llm", "plugin_env", "speculative_config"]
+__all__ = ["METHODS", "EngineSpec", "close_llm", "engine_defaults", "make_llm", "plugin_env", "speculative_config"]
 
 METHODS = ("none", "ngram", "draft_model")
 
@@ -126,6 +126,18 @@ def _llvmlite_scan_workaround() -> None:
     table = getattr(getattr(ffi, "lib", None), "_fntab", None)
     if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
         table["__dict__"] = {}
+
+
+def close_llm(llm) -> None:
+    """Shut an in-process engine down now, not whenever the garbage collector reaches it: a late
+    shutdown tears down vLLM's process-wide parallel groups under the next engine built in the
+    process ("pipeline model parallel group is not initialized" on its first step)."""
+    import contextlib
+    import gc
+
+    with contextlib.suppress(Exception):  # best effort: a half-built engine may have nothing to stop
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def make_llm(target: str, draft: str | None, spec: EngineSpec, *, controller: str | None = None,

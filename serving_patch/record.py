@@ -76,7 +76,7 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     """Record one trace; returns a summary (requests, steps, wall time, the controller's stats)."""
     from envs.azure import AZURE_ATTRIBUTION
     from envs.trace import load_trace
-    from serving_patch.engine import EngineSpec, engine_defaults, make_llm
+    from serving_patch.engine import EngineSpec, close_llm, engine_defaults, make_llm
     from serving_patch.load import corpus_token_ids, run_load
     from serving_patch.models import build_tiny_models
 
@@ -105,11 +105,11 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     sizes = (f"prompt x{prompt_scale:g} (<= {max_prompt_tokens}), output x{output_scale:g} (<= {max_output_tokens}); "
              f"{AZURE_ATTRIBUTION}")
     if concurrency:
+        levels = ",".join(map(str, concurrency))
         kind = "waves of" if waves else "closed-loop sweep, concurrency"
-        notes = (f"record-trace: {kind} {','.join(map(str, concurrency))} for "
-                 f"{duration_s:g} s each; request sizes from the Azure conv window from {start_s:g} s, {sizes}")
-        what = f"{'waves of' if waves else 'closed loop at concurrency'} {','.join(map(str, concurrency))}, " \
-               f"{duration_s:g} s each"
+        notes = (f"record-trace: {kind} {levels} for {duration_s:g} s each; request sizes from the Azure conv "
+                 f"window from {start_s:g} s, {sizes}")
+        what = f"{'waves of' if waves else 'closed loop at concurrency'} {levels}, {duration_s:g} s each"
     else:
         notes = f"record-trace: Azure conv window {start_s:g}+{duration_s * time_scale:g} s at x{time_scale:g}, {sizes}"
         what = f"{len(reqs)} requests, x{time_scale:g}, {duration_s:g} s"
@@ -153,6 +153,7 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
             b.close()
     stats = ctl.stats()
     ctl.close()
+    close_llm(llm)
     del llm
     trace = load_trace(out)
     summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1),

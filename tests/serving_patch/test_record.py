@@ -43,8 +43,8 @@ def test_waves_record_whole_waves_that_drain(tmp_path):
 
     assert main(["--out", str(tmp_path / "x.jsonl"), "--method", "ngram", "--waves"]) == 2  # needs --concurrency
     out = tmp_path / "waves.jsonl.gz"
-    summary = record(out, method="ngram", concurrency=[3], waves=True, duration_s=3.0, max_output_tokens=16, explore=0.5,
-                     explore_hold=4, start_s=1200, progress=False, log=lambda m: None)
+    summary = record(out, method="ngram", concurrency=[3], waves=True, duration_s=3.0, max_output_tokens=16,
+                     explore=0.5, explore_hold=4, start_s=1200, progress=False, log=lambda m: None)
     assert validate_files([out]) == {out: []}
     t = load_trace(out)
     assert summary["finished"] == t.n_requests and t.n_requests % 3 == 0 and t.n_requests >= 6
