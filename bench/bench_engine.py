@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up warnings would bury the table
 
 from policies.evaluate import paired_ratio
-from serving_patch.engine import EngineSpec, engine_defaults, make_llm  # (also hides broken add-ons)
+from serving_patch.engine import EngineSpec, close_llm, engine_defaults, make_llm  # (also hides broken add-ons)
 
 MAX_K = 4
 VLLM_PASS = "off (vllm)"
@@ -156,12 +156,14 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     run_level(base, WARM, prompts, 8, 0)  # warm-up
     measure("no-spec", base)
     if not confirm_rounds:
-        del base  # else kept: the confirmation pairs off (ctl) with it (two in-process engines coexist)
+        close_llm(base)  # else kept: the confirmation pairs off (ctl) with it (two in-process engines coexist)
+        del base
 
     vt = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32, vllm_table=table),
                   **kw)
     run_level(vt, WARM, prompts, 8, 0)
     measure("vllm table", vt)
+    close_llm(vt)
     del vt
 
     llm = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32),
@@ -233,8 +235,10 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                     ctl.stop_recording()
                 ab[mode].append(tps)
     ctl.close()
+    close_llm(llm)
     del llm
     if confirm_rounds:
+        close_llm(base)
         del base
     return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
             "confirm": confirm}

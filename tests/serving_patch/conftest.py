@@ -7,8 +7,6 @@ closed after use; the model pair is built once per machine (~75 s, then cached).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 
 import pytest
@@ -53,14 +51,13 @@ class Engines:
 
     def close(self):
         from serving_patch import controllers
+        from serving_patch.engine import close_llm
 
         for ctl in controllers():
             ctl.close()
         for llm in self.live:
-            with contextlib.suppress(Exception):  # best effort; the process ends soon
-                llm.llm_engine.engine_core.shutdown()
+            close_llm(llm)
         self.live.clear()
-        gc.collect()
 
 
 @pytest.fixture(scope="module")
