@@ -366,6 +366,7 @@ class AcceptanceProfile:
     delta: list[float] = field(default_factory=lambda: [0.0])
     cyclic: bool = False
     propose: float | list[float] = 1.0
+    walk_gain: list[float] | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -377,6 +378,12 @@ class AcceptanceProfile:
             raise ValueError(f"acceptance propose (the fraction of sequences that get a draft, one number or one per "
                              f"k = 1..{len(p)}) must hold values in (0, 1], got {self.propose!r}")
         self._propose = np.broadcast_to(prop, p.shape).copy()
+        if self.walk_gain is not None:
+            g = np.asarray(self.walk_gain, dtype=np.float64)
+            if g.shape != p.shape or np.any((g < 0) | (g > np.arange(1, len(p) + 1))):
+                raise ValueError(f"acceptance walk_gain needs one value in [0, k] per k = 1..{len(p)}, "
+                                 f"got {self.walk_gain!r}")
+            self.walk_gain = g.tolist()
         if self.bin_s <= 0:
             raise ValueError(f"bin_s must be > 0, got {self.bin_s}")
         if not self.delta:
@@ -429,7 +436,10 @@ class AcceptanceProfile:
         return float(self._propose[min(k, self.depth) - 1])
 
     def expected_gain(self, k: int, width: int = 1, t_s: float = 0.0) -> float:
-        """E[accepted tokens per decoding sequence]: :meth:`expected_accepted` times :meth:`propose_rate`."""
+        """E[accepted tokens per decoding sequence]: :meth:`expected_accepted` times :meth:`propose_rate`,
+        or, for chains when the profile has them, the static-k walks' ``walk_gain[k - 1]``."""
+        if k > 0 and width == 1 and self.walk_gain is not None:
+            return float(self.walk_gain[min(k, self.depth) - 1])
         return self.propose_rate(k) * self.expected_accepted(k, width, t_s)
 
     def mean_delta(self) -> float:
@@ -438,7 +448,7 @@ class AcceptanceProfile:
     def to_dict(self) -> dict:
         return {"kind": "acceptance", "p": list(map(float, self.p)), "width_rho": self.width_rho,
                 "bin_s": self.bin_s, "delta": list(map(float, self.delta)), "cyclic": self.cyclic,
-                "propose": self._propose.tolist(), "report": self.report}
+                "propose": self._propose.tolist(), "walk_gain": self.walk_gain, "report": self.report}
 
 
 def _position_counts(trace: Trace):
@@ -551,6 +561,25 @@ def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float
 
 
 # =========================================================================== serialisation and presets
+
+
+def agree_walk_gain(arrays, depth: int) -> list[float]:
+    """Per k = 1..depth, accepted tokens per sequence-step when every request's ``agree`` array
+    (:mod:`serving_patch.agree`) is walked at that static k from its first decode step: the settled
+    acceptance of holding k, request mix included (a long k leaves a repetitive stretch sooner)."""
+    arrays = [np.asarray(a, dtype=np.int64) for a in arrays if a is not None and len(a) > 1]
+    out = []
+    for k in range(1, depth + 1):
+        steps = acc = 0
+        for a in arrays:
+            t, n = 1, len(a)
+            while t < n:
+                g = min(k, a[t]) if a[t] > 0 else 0
+                steps += 1
+                acc += g
+                t += 1 + g
+        out.append(acc / steps if steps else 0.0)
+    return out
 
 
 def profile_from_dict(d: dict):

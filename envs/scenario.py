@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from envs.azure import read_azure_csv
-from envs.profiles import PROFILES, AcceptanceProfile, CostModel, fit_acceptance, fit_cost
+from envs.profiles import PROFILES, AcceptanceProfile, CostModel, agree_walk_gain, fit_acceptance, fit_cost
 from envs.simulator import EngineConfig, RequestArrays
 from envs.trace import Trace, load_traces
 
@@ -52,10 +52,14 @@ class Scenario:
         config = EngineConfig.from_header(head, **config_overrides)
         cost = fit_cost(with_steps, seed=seed)
         acc = fit_acceptance(with_steps, bin_s=acceptance_bin_s)
+        requests = RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs])
+        if requests.agree is not None:  # recorded agreement: the expectations come from walking it
+            acc.walk_gain = agree_walk_gain(requests.agree, acc.depth)
+            acc.report["walk_gain"] = acc.walk_gain
+            acc.report["agree_requests"] = sum(a is not None for a in requests.agree)
         prov = {"traces": [{"path": str(t.path), "sha256": t.sha256, "source": t.header["source"]}
                            for t in traces],
                 "cost_fit": cost.report, "acceptance_fit": acc.report}
-        requests = RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs])
         return cls(name="+".join(t.path.name for t in traces), requests=requests,
                    cost=cost, acceptance=acc, config=config, provenance=prov)
 

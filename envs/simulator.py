@@ -81,11 +81,17 @@ class EngineConfig:
 
 @dataclass
 class RequestArrays:
-    """The load to replay: arrival times and sizes, sorted by arrival."""
+    """The load to replay: arrival times and sizes, sorted by arrival.
+
+    ``agree`` (optional, one entry per request, ``None`` where unknown): the request's draft
+    agreement array from its trace record (:mod:`serving_patch.agree`); the simulator walks it
+    instead of drawing acceptance from the profile.
+    """
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
+    agree: list | None = None
 
     def __post_init__(self):
         self.arrival_s = np.asarray(self.arrival_s, dtype=np.float64)
@@ -93,10 +99,22 @@ class RequestArrays:
         self.output_tokens = np.asarray(self.output_tokens, dtype=np.int64)
         if not (len(self.arrival_s) == len(self.prompt_tokens) == len(self.output_tokens)):
             raise ValueError("arrival_s, prompt_tokens and output_tokens must have the same length")
+        if self.agree is not None:
+            if len(self.agree) != len(self.arrival_s):
+                raise ValueError(f"agree needs one entry per request ({len(self.arrival_s)}), got {len(self.agree)}")
+            self.agree = [None if a is None else np.asarray(a, dtype=np.int8) for a in self.agree]
+            for i, a in enumerate(self.agree):
+                if a is not None and len(a) != self.output_tokens[i]:
+                    raise ValueError(f"agree of request {i} has {len(a)} entries, its output_tokens is "
+                                     f"{self.output_tokens[i]}")
+            if all(a is None for a in self.agree):
+                self.agree = None
         if len(self.arrival_s) and np.any(np.diff(self.arrival_s) < 0):
             order = np.argsort(self.arrival_s, kind="stable")
             self.arrival_s, self.prompt_tokens, self.output_tokens = (
                 self.arrival_s[order], self.prompt_tokens[order], self.output_tokens[order])
+            if self.agree is not None:
+                self.agree = [self.agree[i] for i in order]
 
     @classmethod
     def from_lists(cls, arrival_s, prompt_tokens, output_tokens) -> RequestArrays:
@@ -105,7 +123,7 @@ class RequestArrays:
     @classmethod
     def from_trace(cls, trace) -> RequestArrays:
         r = trace.requests
-        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"])
+        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"], getattr(trace, "agree", None))
 
     @classmethod
     def concat(cls, parts: Sequence[RequestArrays], gap_s: float = 10.0) -> RequestArrays:
@@ -113,7 +131,7 @@ class RequestArrays:
         after the previous part's last one (the order of ``parts``; sizes unchanged)."""
         if not parts:
             raise ValueError("concat needs at least one RequestArrays")
-        t, pt, ot, end = [], [], [], 0.0
+        t, pt, ot, ag, end = [], [], [], [], 0.0
         for r in parts:
             if not len(r):
                 continue
@@ -121,10 +139,11 @@ class RequestArrays:
             t.append(r.arrival_s + shift)
             pt.append(r.prompt_tokens)
             ot.append(r.output_tokens)
+            ag.extend(r.agree if r.agree is not None else [None] * len(r))
             end = float(t[-1][-1])
         if not t:
             return cls(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return cls(np.concatenate(t), np.concatenate(pt), np.concatenate(ot))
+        return cls(np.concatenate(t), np.concatenate(pt), np.concatenate(ot), ag)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -137,7 +156,8 @@ class RequestArrays:
             raise ValueError(f"load_scale must be > 0, got {load_scale}")
         t = self.arrival_s / load_scale
         m = (t >= start_s) & (t < start_s + duration_s)
-        return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m])
+        agree = None if self.agree is None else [self.agree[i] for i in np.flatnonzero(m)]
+        return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m], agree)
 
     @property
     def span_s(self) -> float:
@@ -225,6 +245,21 @@ class SimStats:
                 "accept_rate": round(self.accept_rate, 4) if self.drafted_tokens else None}
 
 
+def _flatten_agree(requests: RequestArrays) -> tuple[np.ndarray, np.ndarray | None]:
+    """The requests' agree arrays end to end, and each request's start in it (-1: none); (empty, None)
+    when no request has one."""
+    if requests.agree is None:
+        return np.zeros(0, dtype=np.int8), None
+    off = np.full(len(requests), -1, dtype=np.int64)
+    parts, n = [], 0
+    for i, a in enumerate(requests.agree):
+        if a is not None:
+            off[i] = n
+            parts.append(a)
+            n += len(a)
+    return np.concatenate(parts), off
+
+
 class Simulator:
     """Replays request arrivals through a continuous-batching engine (module docstring).
 
@@ -247,6 +282,7 @@ class Simulator:
         self.time_offset_s = float(time_offset_s)
         self.noise = noise
         self.record_steps = record_steps
+        self._agree_flat, self._agree_off = _flatten_agree(requests)
         self.reset(seed)
 
     # ------------------------------------------------------------------ state
@@ -272,6 +308,8 @@ class Simulator:
         self.finish_s = np.full(n, np.nan)
         self.first_token_s = np.full(n, np.nan)
         self._u = np.zeros(S)
+        self._slot_off = np.full(S, -1, dtype=np.int64)  # where the slot's request's agree array starts, -1: none
+        self._slot_total = np.zeros(S, dtype=np.int64)   # the slot's request's output_tokens
         self._prepared = False
         self._steps = 0
         self._busy = 0.0
@@ -318,23 +356,35 @@ class Simulator:
         B = self._n_decoding
         acc = 0
         if k > 0 and B:
-            lengths, _ = self._accept_lengths(self._u[self._decoding], k, self.t + self.time_offset_s, width)
+            lengths, _ = self._accept_lengths(self._decoding, k, self.t + self.time_offset_s, width)
             acc = int(np.minimum(lengths, k).sum())
         prefill = self._prefill_budget(B, k, width)
         kv = min(1.0, self._ctx_total / self.config.kv_capacity_tokens)
         return acc, self.cost.predict_one(B, k, width, prefill, kv)
 
-    def _accept_lengths(self, u: np.ndarray, k: int, t_s: float, width: int) -> tuple[np.ndarray, int]:
-        """Acceptance lengths (before the cap at k) of the decoding slots with uniforms ``u``, and
-        how many of them got a draft: slot ``i`` is drafted iff ``u[i] < propose`` (the profile's
-        rate at this k), and its length comes from ``u[i] / propose`` (so ``propose = 1`` draws
-        exactly as without it)."""
+    def _accept_lengths(self, dec: np.ndarray, k: int, t_s: float, width: int) -> tuple[np.ndarray, int]:
+        """Acceptance lengths (before the cap at k) of the decoding slots ``dec``, and how many of
+        them got a draft.  A slot whose request carries an ``agree`` array walks it (chains,
+        ``width`` 1): the length is its entry at the tokens the request has, -1 = no draft.  Any
+        other slot draws from the profile with its prepared uniform ``u``: drafted iff
+        ``u < propose`` (the profile's rate at this k), length from ``u / propose`` (so
+        ``propose = 1`` draws exactly as without it)."""
+        u = self._u[dec]
         cdf = self.acceptance.length_cdf(t_s, width)
         propose = self.acceptance.propose_rate(k)
         if propose >= 1.0:
-            return np.searchsorted(cdf, u, side="right"), len(u)
-        drafted = u < propose
-        lengths = np.where(drafted, np.searchsorted(cdf, u / propose, side="right"), 0)
+            lengths, drafted = np.searchsorted(cdf, u, side="right"), np.ones(len(u), dtype=bool)
+        else:
+            drafted = u < propose
+            lengths = np.where(drafted, np.searchsorted(cdf, u / propose, side="right"), 0)
+        if self._agree_off is not None and width == 1:
+            off = self._slot_off[dec]
+            walk = off >= 0
+            if walk.any():
+                pos = self._slot_total[dec] - self._out_left[dec]
+                a = self._agree_flat[np.where(walk, off + pos, 0)].astype(np.int64)
+                lengths = np.where(walk, np.maximum(a, 0), lengths)
+                drafted = np.where(walk, a >= 0, drafted)
         return lengths, int(drafted.sum())
 
     def _prefill_budget(self, B: int, k: int, width: int) -> int:
@@ -379,7 +429,7 @@ class Simulator:
         if B:
             dec = self._decoding
             if k > 0:
-                lengths, drafts = self._accept_lengths(self._u[dec], k, t0 + self.time_offset_s, width)
+                lengths, drafts = self._accept_lengths(dec, k, t0 + self.time_offset_s, width)
                 acc = np.minimum(lengths, k)
                 counts = np.bincount(acc, minlength=k + 1)
                 app = counts[::-1].cumsum()[::-1][1:].tolist()  # drafts whose position i was accepted
@@ -414,6 +464,9 @@ class Simulator:
                 pt = int(self.requests.prompt_tokens[r])
                 self._prefill_left[slot] = pt
                 self._out_left[slot] = int(self.requests.output_tokens[r])
+                self._slot_total[slot] = self._out_left[slot]
+                if self._agree_off is not None:
+                    self._slot_off[slot] = self._agree_off[r]
                 self._ctx[slot] = 0
                 self._reserved += need
                 self._waiting_prefill -= pt
@@ -478,6 +531,7 @@ class Simulator:
         self._reserved -= int(self.requests.prompt_tokens[r] + self.requests.output_tokens[r])
         self._ctx[slot] = 0
         self._slot_req[slot] = -1
+        self._slot_off[slot] = -1
         self._free.append(slot)
         self._completed += 1
 

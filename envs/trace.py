@@ -221,6 +221,8 @@ def validate_record(rec: Any, state: ReadState, path: str = "<trace>", line: int
                 rec["arrival_s"])
         if "finish_s" in rec and rec["finish_s"] < rec["arrival_s"]:
             raise TraceError(path, line, "finish_s", f"finish_s >= arrival_s={rec['arrival_s']:g}", rec["finish_s"])
+        if "agree" in rec:
+            _check_agree(rec, state.header, path, line)
         state.request_ids.add(rec["id"])
         state.last_arrival = rec["arrival_s"]
         return
@@ -233,6 +235,17 @@ def validate_record(rec: Any, state: ReadState, path: str = "<trace>", line: int
         state.last_step_t = rec["t_s"]
         return
     raise TraceError(path, line, "type", "one of 'header', 'request', 'step'", kind)
+
+
+def _check_agree(rec: dict, header: dict, path: str, line: int) -> None:
+    """The optional ``agree`` list of a request (serving_patch.agree): one int in [-1, max_k] per output token."""
+    a, n, max_k = rec["agree"], rec["output_tokens"], header["max_k"]
+    if not isinstance(a, list) or len(a) != n:
+        raise TraceError(path, line, "agree", f"a list of output_tokens={n} ints", a if not isinstance(a, list)
+                         else f"a list of {len(a)}")
+    bad = next((x for x in a if not (_is_int(x) and -1 <= x <= max_k)), None)
+    if bad is not None:
+        raise TraceError(path, line, "agree", f"ints in [-1, max_k={max_k}] (-1: no draft proposed)", bad)
 
 
 def _check_step_invariants(rec: dict, header: dict, path: str, line: int) -> None:
@@ -373,6 +386,8 @@ class Trace:
 
     ``accepted_per_pos`` is an ``(n_steps, max_k)`` array, zero-padded past each step's k.
     ``sha256`` is the hash of the file's bytes, recorded as provenance in artifacts.
+    ``agree`` holds each request's optional ``agree`` array (:mod:`serving_patch.agree`), in
+    request order, or is None when no request record has one.
     """
 
     path: Path
@@ -382,6 +397,7 @@ class Trace:
     requests: dict[str, np.ndarray]
     steps: dict[str, np.ndarray]
     accepted_per_pos: np.ndarray
+    agree: list[np.ndarray | None] | None = None  # per request, its ``agree`` field (None: no request has one)
 
     @property
     def max_k(self) -> int:
@@ -441,6 +457,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         raise FileNotFoundError(f"trace file {str(path)!r} does not exist")
     header: dict = {}
     req_ids: list[str] = []
+    agree: list[np.ndarray | None] = []
     req_cols: dict[str, list] = {"arrival_s": [], "prompt_tokens": [], "output_tokens": [], "finish_s": []}
     step_cols: dict[str, list] = {name: [] for name in STEP_COLUMNS}
     app_rows: list[list[int]] = []
@@ -456,6 +473,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
             req_cols["prompt_tokens"].append(rec["prompt_tokens"])
             req_cols["output_tokens"].append(rec["output_tokens"])
             req_cols["finish_s"].append(rec.get("finish_s", math.nan))
+            agree.append(np.asarray(rec["agree"], dtype=np.int8) if "agree" in rec else None)
         else:
             header = rec
     steps = {name: np.asarray(step_cols[name], dtype=dt) for name, dt in STEP_COLUMNS.items()}
@@ -470,7 +488,8 @@ def load_trace(path: str | os.PathLike) -> Trace:
         "output_tokens": np.asarray(req_cols["output_tokens"], dtype=np.int64),
         "finish_s": np.asarray(req_cols["finish_s"], dtype=np.float64),
     }
-    return Trace(path, header, _sha256(path), req_ids, requests, steps, app)
+    return Trace(path, header, _sha256(path), req_ids, requests, steps, app,
+                 agree if any(a is not None for a in agree) else None)
 
 
 def load_traces(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Trace]:

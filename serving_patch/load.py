@@ -36,6 +36,7 @@ class LoadResult:
     output_tokens: int
     latencies_s: list[float] = field(default_factory=list)
     finished: int = 0
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # output token ids by request id (keep_tokens)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,7 +72,7 @@ def synth_prompts(ids: Sequence[int], lengths: Sequence[int], seed: int = 0) -> 
 
 def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = None,
              progress: Callable[[int], None] | None = None, max_wall_s: float | None = None,
-             submit_s: float | None = None, waves: bool = False) -> LoadResult:
+             submit_s: float | None = None, waves: bool = False, keep_tokens: bool = False) -> LoadResult:
     """Run ``requests`` through ``llm`` (greedy, ``ignore_eos``) and time them.
 
     Open loop (``concurrency=None``): request i is added at ``arrival_s`` after the start;
@@ -83,6 +84,7 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
     ``waves`` (closed loop): ``concurrency`` requests are added together and the next
     ``concurrency`` only once all of them have finished, so the batch drains from
     ``concurrency`` towards 1 within every wave (a batch job sent in chunks).
+    ``keep_tokens`` keeps each finished request's output token ids in ``tokens``.
     """
     from vllm import SamplingParams
 
@@ -119,6 +121,8 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
                 start = submitted.pop(out.request_id)
                 res.latencies_s.append(time.perf_counter() - t0 - start)
                 res.output_tokens += len(out.outputs[0].token_ids)
+                if keep_tokens:
+                    res.tokens[out.request_id] = list(out.outputs[0].token_ids)
                 res.finished += 1
                 done += 1
         if done and progress is not None:

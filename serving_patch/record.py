@@ -136,7 +136,8 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
             b = bar(f"{method} c={c}")
             level = (reqs[used:] + reqs[:used])[:4096]
             results.append(run_load(llm, level, concurrency=c, submit_s=duration_s, max_wall_s=duration_s * 4 + 120,
-                                    progress=None if b is None else b.update, waves=waves))
+                                    progress=None if b is None else b.update, waves=waves,
+                                    keep_tokens=True))
             used = (used + results[-1].finished) % len(reqs)
             if b is not None:
                 b.close()
@@ -146,15 +147,19 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
             res.output_tokens += r.output_tokens
             res.latencies_s += r.latencies_s
             res.finished += r.finished
+            res.tokens.update(r.tokens)
     else:
         b = bar(f"{method} x{time_scale:g}", len(reqs))
-        res = run_load(llm, reqs, progress=None if b is None else b.update, max_wall_s=duration_s * 4 + 120)
+        res = run_load(llm, reqs, progress=None if b is None else b.update, max_wall_s=duration_s * 4 + 120,
+                       keep_tokens=True)
         if b is not None:
             b.close()
     stats = ctl.stats()
     ctl.close()
     close_llm(llm)
     del llm
+    annotated = add_agreement(out, method=method, max_k=max_k, requests=reqs, tokens=res.tokens,
+                              draft_dir=pair.draft, max_model_len=spec.max_model_len, log=log)
     trace = load_trace(out)
     summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1),
                "requests": res.finished if concurrency else len(reqs),
@@ -162,8 +167,27 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
                "mean_latency_s": round(res.mean_latency_s, 3), "trace": trace.summary(),
                "controller": {k: stats[k] for k in ("steps", "explored", "fallbacks", "errors", "hook_us_per_step",
                                                     "mean_step_ms")},
-               "recorder_us_per_step": stats.get("recorder", {}).get("us_per_step")}
+               "recorder_us_per_step": stats.get("recorder", {}).get("us_per_step"),
+               "agree_requests": annotated}
     return summary
+
+
+def add_agreement(out, *, method: str, max_k: int, requests: list, tokens: dict, draft_dir, max_model_len: int,
+                  log=print) -> int:
+    """Add each finished request's ``agree`` array (:mod:`serving_patch.agree`) to the trace ``out``;
+    returns how many request records got it."""
+    from serving_patch.agree import annotate_trace, draft_model_agree, ngram_agree
+
+    t0 = time.perf_counter()
+    prompts = {r.id: r.prompt_token_ids for r in requests}
+    done = [(rid, prompts[rid], toks) for rid, toks in tokens.items() if rid in prompts and toks]
+    if method == "ngram":
+        arrays = [ngram_agree(p, o, max_k, max_model_len=max_model_len) for _, p, o in done]
+    else:
+        arrays = draft_model_agree(draft_dir, [(p, o) for _, p, o in done], max_k)
+    n = annotate_trace(out, {rid: a for (rid, _, _), a in zip(done, arrays)})
+    log(f"draft agreement of {n} requests added to {out} ({time.perf_counter() - t0:.1f} s)")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

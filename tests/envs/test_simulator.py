@@ -170,3 +170,59 @@ def test_concat_puts_request_streams_one_after_another():
     np.testing.assert_array_equal(c.output_tokens, [1, 2, 3, 4, 5])
     with pytest.raises(ValueError, match="at least one"):
         RequestArrays.concat([])
+
+
+def test_requests_keep_their_agree_arrays_through_sort_concat_and_window():
+    a = RequestArrays([2.0, 1.0], [10, 20], [2, 3], [[-1, 1], None])
+    assert a.agree[0] is None and a.agree[1].tolist() == [-1, 1]  # sorted with its request
+    c = RequestArrays.concat([a, RequestArrays([0.0], [5], [1])])
+    assert [None if x is None else x.tolist() for x in c.agree] == [None, [-1, 1], None]
+    w = c.window(0.5, 10.0)
+    assert len(w) == 1 and w.agree[0].tolist() == [-1, 1]
+    assert RequestArrays([0.0], [5], [2], [None]).agree is None
+    with pytest.raises(ValueError, match="agree of request 0 has 1 entries, its output_tokens is 2"):
+        RequestArrays([0.0], [5], [2], [[-1]])
+    with pytest.raises(ValueError, match="one entry per request"):
+        RequestArrays([0.0], [5], [2], [])
+
+
+@pytest.mark.parametrize("k,steps,drafts,accepted", [(2, 5, 4, 4), (4, 4, 3, 6), (1, 6, 5, 3)])
+def test_a_request_with_agree_walks_it_whatever_the_profile_and_seed(k, steps, drafts, accepted):
+    # after t output tokens the draft agrees for agree[t] tokens; -1: none proposed (t = 0 is the prefill)
+    agree = [-1, 0, 3, 2, 1, 0, -1, 3, 0, 0]
+    for p, seed in ((0.99, 0), (0.01, 1)):
+        sim = Simulator(RequestArrays([0.0], [8], [10], [agree]), PRE.cost, AcceptanceProfile(p=[p] * 4),
+                        EngineConfig(max_k=4), seed=seed)
+        got = []
+        while (s := sim.prepare()) is not None:
+            out = sim.execute(k if s.batch_size else 0)
+            if out.batch_size:
+                got.append((out.drafts, out.accepted_tokens))
+        assert (len(got), sum(d for d, _ in got), sum(a for _, a in got)) == (steps, drafts, accepted)
+        assert sim.stats().committed_tokens == 10
+
+
+def test_requests_without_agree_still_draw_from_the_profile():
+    # request 0 never gets a draft by its agree array; request 1 has none and draws (p ~ 1, all propose)
+    reqs = RequestArrays([0.0, 0.0], [8, 8], [40, 40], [[-1] * 40, None])
+    sim = Simulator(reqs, PRE.cost, AcceptanceProfile(p=[0.999] * 4), EngineConfig(max_k=4), seed=0)
+    per_step = []
+    while (s := sim.prepare()) is not None:
+        out = sim.execute(4 if s.batch_size else 0)
+        if out.batch_size == 2:
+            per_step.append((out.drafts, out.accepted_tokens))
+    assert per_step and all(d == 1 for d, _ in per_step)
+    assert sum(a for _, a in per_step) >= 3.5 * len(per_step)
+
+
+def test_walk_gain_is_the_static_walk_and_feeds_expected_gain():
+    from envs.profiles import agree_walk_gain
+
+    agree = [-1, 0, 3, 2, 1, 0, -1, 3, 0, 0]  # the request of the walk test above: 3/6, 4/5, 6/4 per step
+    gain = agree_walk_gain([agree, None], 4)
+    np.testing.assert_allclose(gain, [3 / 6, 4 / 5, 6 / 4, 6 / 4])
+    prof = AcceptanceProfile(p=[0.9] * 4, walk_gain=gain)
+    assert prof.expected_gain(2) == pytest.approx(0.8) and prof.expected_gain(0) == 0.0
+    assert prof.expected_gain(2, width=2) == pytest.approx(prof.expected_accepted(2, width=2))  # trees: the draw
+    with pytest.raises(ValueError, match="one value in \\[0, k\\] per k = 1..4"):
+        AcceptanceProfile(p=[0.9] * 4, walk_gain=[0.5, 3.0, 1.0, 1.0])

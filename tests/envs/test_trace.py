@@ -97,6 +97,10 @@ def test_missing_required_step_field(tmp_path, drop):
     ([HEADER, {**REQUEST, "finish_s": -1.0}], 2, "finish_s", ">= 0"),
     ([HEADER, {**REQUEST, "arrival_s": 2.0, "finish_s": 1.0}], 2, "finish_s", "finish_s >= arrival_s"),
     ([HEADER, {**REQUEST, "prompt_tokens": 0}], 2, "prompt_tokens", ">= 1"),
+    ([HEADER, {**REQUEST, "output_tokens": 3, "agree": [-1, 2]}], 2, "agree", "a list of output_tokens=3 ints"),
+    ([HEADER, {**REQUEST, "output_tokens": 3, "agree": [-1, 5, 0]}], 2, "agree", "ints in [-1, max_k=4]"),
+    ([HEADER, {**REQUEST, "output_tokens": 3, "agree": [-2, 1, 0]}], 2, "agree", "-1: no draft proposed"),
+    ([HEADER, {**REQUEST, "output_tokens": 2, "agree": "[-1, 0]"}], 2, "agree", "a list of output_tokens=2"),
     ([HEADER, {**STEP, "t_s": 2.0}, {**STEP, "t_s": 1.0}], 3, "t_s", "non-decreasing"),
     ([HEADER, "{not json"], 2, "<line>", "valid JSON"),
     ([HEADER, "[1, 2]"], 2, "<line>", "a JSON object"),
@@ -106,6 +110,14 @@ def test_header_request_and_order_errors(tmp_path, records, line, field, words):
     err = one_error(tmp_path, records)
     assert (err.line, err.field) == (line, field)
     assert words in str(err)
+
+
+def test_agree_is_read_per_request(tmp_path):
+    p = write_lines(tmp_path / "t.jsonl", [HEADER, {**REQUEST, "output_tokens": 3, "agree": [-1, 4, 0]},
+                                           {**REQUEST, "id": "r1", "arrival_s": 0.5}])
+    t = load_trace(p)
+    assert t.agree[0].tolist() == [-1, 4, 0] and t.agree[1] is None
+    assert load_trace(write_lines(tmp_path / "u.jsonl", [HEADER, REQUEST])).agree is None
 
 
 def test_empty_file(tmp_path):
