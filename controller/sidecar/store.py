@@ -33,7 +33,7 @@ from controller.features import BATCH_FEATURES, FeatureSpec, FeatureState, batch
 __all__ = ["EngineEntry", "EngineStates", "PolicySnapshot", "PolicyStore", "decide", "decide_runs", "fold_steps",
            "load_snapshot"]
 
-_EMA_FIELDS = ("alpha", "accept0", "since_spec", "step_ms", "tok_per_ms", "last_k", "last_width")
+_EMA_FIELDS = ("alpha", "accept0", "step_ms", "tok_per_ms", "last_k", "last_width")
 
 
 @dataclass(frozen=True)

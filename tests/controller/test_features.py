@@ -16,18 +16,16 @@ def test_observation_in_unit_box_and_named():
         assert np.all((o >= 0) & (o <= 1))
 
 
-def test_acceptance_ema_tracks_per_position_rate_and_staleness():
+def test_acceptance_ema_tracks_per_position_rate_and_holds_while_off():
     st = FeatureState(FeatureSpec(max_k=4, ema=0.5, accept_prior=0.5))
     for _ in range(30):  # 10 drafts, 8 accepted at pos 0, 4 at pos 1: 12 / (10 + 8) = 2/3
         st.update(10, 2, 1, 10, [8, 4], 12.0)
     o = observe(st, 10, 0, 0.1, 0)
     assert o[FEATURE_NAMES.index("alpha")] == pytest.approx(2 / 3, abs=1e-3)
     assert o[FEATURE_NAMES.index("accept0")] == pytest.approx(0.8, abs=1e-3)
-    assert o[FEATURE_NAMES.index("staleness")] == 0
     for _ in range(64):
         st.update(10, 0, 1, 0, [], 10.0)
     o = observe(st, 10, 0, 0.1, 0)
-    assert o[FEATURE_NAMES.index("staleness")] == pytest.approx(1 - np.exp(-1), abs=1e-6)
     assert o[FEATURE_NAMES.index("alpha")] == pytest.approx(2 / 3, abs=1e-3)  # held while off
     assert o[FEATURE_NAMES.index("last_k")] == 0
 

@@ -157,7 +157,7 @@ def test_fast_argmax_is_the_artifacts_argmax(hidden, activation, scale):
     for _ in range(50):
         st = FeatureState(art.feature_spec)
         st.alpha, st.accept0, st.step_ms, st.tok_per_ms = rng.random(4) * [1, 1, 100, 10]
-        st.last_k, st.since_spec = int(rng.integers(0, 5)), int(rng.integers(0, 500))
+        st.last_k = int(rng.integers(0, 5))
         obs = observe(st, 0, int(rng.integers(0, 100)), float(rng.random()), int(rng.integers(0, 9000)))
         rows = batch_sweep(obs, np.arange(65), art.feature_spec)
         np.testing.assert_array_equal(snap.argmax_table(obs), np.argmax(art.logits(rows), axis=1))
