@@ -37,6 +37,11 @@ with k for ``ngram``: a longer k finishes a sequence's repetitive stretch in few
 a larger share of the steps is spent where nothing matches.  The rates ``p`` are per drafted
 sequence.  The cost profile is fitted on the same steps, so its ``(batch, k)`` cost already
 averages over the drafted share.
+
+Where the traces carry each request's draft agreement (``agree``, :mod:`serving_patch.agree`) the
+simulator walks it instead of drawing from ``p``, and ``walk_gain[k - 1]`` (:func:`agree_walk_gain`:
+accepted tokens per sequence-step of a static-k walk through every request) replaces
+``propose x expected_accepted`` as the expected gain of a chain of k.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ __all__ = [
     "FittedCost",
     "RooflineCost",
     "PROFILES",
+    "agree_walk_gain",
     "fit_acceptance",
     "fit_cost",
     "profile_from_dict",
