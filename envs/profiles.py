@@ -584,7 +584,7 @@ def agree_walk_gain(arrays, depth: int) -> list[float]:
                 steps += 1
                 acc += g
                 t += 1 + g
-        out.append(acc / steps if steps else 0.0)
+        out.append(float(acc / steps) if steps else 0.0)
     return out
 
 
