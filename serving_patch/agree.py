@@ -54,6 +54,9 @@ def run_lengths(match: np.ndarray, max_k: int) -> np.ndarray:
 def ngram_agree(prompt: Sequence[int], output: Sequence[int], max_k: int, *, min_n: int = NGRAM_MIN_N,
                 max_n: int = NGRAM_MAX_N, max_model_len: int = 1 << 30) -> np.ndarray:
     """``agree`` of one request under vLLM's own ``ngram`` matcher (the function its proposer calls)."""
+    from serving_patch.engine import engine_defaults
+
+    engine_defaults()  # numba reads its thread count once: the same as the engines of this process will use
     from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as propose
 
     tokens = np.asarray(list(prompt) + list(output), dtype=np.int32)
