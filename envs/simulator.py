@@ -123,7 +123,7 @@ class RequestArrays:
     @classmethod
     def from_trace(cls, trace) -> RequestArrays:
         r = trace.requests
-        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"], getattr(trace, "agree", None))
+        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"], trace.agree)
 
     @classmethod
     def concat(cls, parts: Sequence[RequestArrays], gap_s: float = 10.0) -> RequestArrays:

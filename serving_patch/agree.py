@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NGRAM_MAX_N", "NGRAM_MIN_N", "annotate_trace", "draft_model_agree", "ngram_agree", "run_lengths"]
+from serving_patch.engine import NGRAM_MAX_N, NGRAM_MIN_N, engine_defaults
 
-NGRAM_MIN_N, NGRAM_MAX_N = 2, 4  # prompt_lookup_min / _max of the engines this project starts
+__all__ = ["annotate_trace", "draft_model_agree", "ngram_agree", "run_lengths"]
 
 
 def run_lengths(match: np.ndarray, max_k: int) -> np.ndarray:
@@ -54,8 +54,6 @@ def run_lengths(match: np.ndarray, max_k: int) -> np.ndarray:
 def ngram_agree(prompt: Sequence[int], output: Sequence[int], max_k: int, *, min_n: int = NGRAM_MIN_N,
                 max_n: int = NGRAM_MAX_N, max_model_len: int = 1 << 30) -> np.ndarray:
     """``agree`` of one request under vLLM's own ``ngram`` matcher (the function its proposer calls)."""
-    from serving_patch.engine import engine_defaults
-
     engine_defaults()  # numba reads its thread count once: the same as the engines of this process will use
     from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as propose
 

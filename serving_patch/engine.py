@@ -24,6 +24,7 @@ from typing import Any
 __all__ = ["METHODS", "EngineSpec", "close_llm", "engine_defaults", "make_llm", "plugin_env", "speculative_config"]
 
 METHODS = ("none", "ngram", "draft_model")
+NGRAM_MIN_N, NGRAM_MAX_N = 2, 4  # the ngram engines' prompt_lookup_min / _max (serving_patch.agree matches them)
 
 _PLUGIN_VARS = ("SPEC_CONTROLLER", "SPEC_CONTROLLER_FALLBACK_K", "SPEC_CONTROLLER_REFRESH_S",
                 "SPEC_CONTROLLER_MAX_AGE_S", "SPEC_CONTROLLER_RELOAD_S", "SPEC_CONTROLLER_EXPLORE",
@@ -66,7 +67,7 @@ def speculative_config(spec: EngineSpec, draft_path: str | None) -> dict[str, An
         return None
     cfg: dict[str, Any] = {"method": spec.method, "num_speculative_tokens": spec.max_k}
     if spec.method == "ngram":
-        cfg.update(prompt_lookup_max=4, prompt_lookup_min=2)
+        cfg.update(prompt_lookup_max=NGRAM_MAX_N, prompt_lookup_min=NGRAM_MIN_N)
     else:
         if not draft_path:
             raise ValueError("method='draft_model' needs the draft model's path")
