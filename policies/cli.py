@@ -84,13 +84,15 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
         f"acceptance p0 {scenario.acceptance.p[0]:.3f}")
     cfg = TrainConfig(algo=args.algo, timesteps=args.timesteps, budget_minutes=args.budget_minutes, seed=args.seed,
                       window_s=args.window_s, load_scales=tuple(args.load_scales),
-                      train_range=(0.0, 1.0 - TEST_FRACTION), progress=not args.no_progress)
+                      train_range=(0.0, 1.0 - TEST_FRACTION), progress=not args.no_progress,
+                      min_gain=args.min_gain)
     log(f"[{name}] training ({cfg.algo}, {cfg.timesteps} timesteps"
         + (f", budget {cfg.budget_minutes} min" if cfg.budget_minutes else "") + ")")
     res = train(scenario, cfg)
     log(f"[{name}] trained {res.timesteps} timesteps in {res.seconds:.0f}s ({res.stopped})")
     env = SpecDecodeEnv(scenario, window_s=args.window_s, load_scales=args.load_scales)
-    artifact = export_artifact(res.model, env, version=f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    artifact = export_artifact(res.model, env, version=f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}",
+                               min_gain=cfg.min_gain)
 
     windows = held_out_windows(scenario, args.load_scales, args.window_s, args.eval_windows, (1 - TEST_FRACTION, 1.0))
     user_table = json.loads(args.table) if args.table else None
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="out/controller", help="output directory (default: out/controller)")
     ap.add_argument("--algo", default="hindsight", choices=("hindsight", "ppo", "dqn", "maskable-ppo"))
     ap.add_argument("--timesteps", type=int, default=150_000, help="training samples / env steps")
+    ap.add_argument("--min-gain", type=float, default=None,
+                    help="hindsight: speculate only where the predicted speed-up over k = 0 is at least 1 + this "
+                         "(default 0.02; 0 = the plain argmax)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0],
@@ -170,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.timesteps < 1:
             raise ValueError(f"--timesteps must be >= 1, got {args.timesteps}")
+        if args.min_gain is not None and args.algo != "hindsight":
+            raise ValueError(f"--min-gain applies to --algo hindsight (its outputs are speed-ups over k = 0), not "
+                             f"{args.algo}: leave it out")
+        if args.min_gain is not None and not 0 <= args.min_gain < 1:
+            raise ValueError(f"--min-gain must be in [0, 1), got {args.min_gain}")
         if any(s <= 0 for s in args.load_scales):
             raise ValueError(f"--load-scales must be positive, got {args.load_scales}")
         if args.table:

@@ -11,7 +11,12 @@ Two families, selected by ``algo``:
   without hindsight can take -- the per-step oracle's choice minus its clairvoyance.
   States come from rollouts of goodput-greedy, then of the current network (DAgger-style
   rounds), with ``explore`` random actions.  Thousands of times more sample-efficient than
-  reward-only RL here, since one step labels all actions.
+  reward-only RL here, since one step labels all actions.  Its outputs are speed-ups over
+  ``k = 0``, so the export pins off at exactly 1 (its label always is) and speculates only
+  where the predicted speed-up is at least ``1 + min_gain`` (default 2%): off is the floor the
+  controller promises, and a predicted gain of a per cent or two is within the profiles' error
+  and ignores what a step-level model cannot see (speculation desynchronises requests that
+  would otherwise finish and prefill together; a finite job then drains longer).
 * ``"ppo"``, ``"dqn"``, ``"maskable-ppo"`` (sb3-contrib): reward-only RL on the env's reward
   (``reward``, default ``"rate"``), from SB3's classes through :func:`_algos` (a
   name-to-class table, as SB3's ``policy_aliases``).
@@ -50,6 +55,7 @@ def _algos() -> dict[str, Any]:
 
 
 ALGOS = ("hindsight", "ppo", "dqn", "maskable-ppo")
+DEFAULT_MIN_GAIN = 0.02
 
 
 @dataclass
@@ -72,6 +78,7 @@ class TrainConfig:
     rounds: int = 3             # hindsight: collection / regression rounds (DAgger-style)
     epochs: int = 8             # hindsight: passes over the collected data per round
     explore: float = 0.2        # hindsight: random actions in the behaviour policy
+    min_gain: float | None = None  # hindsight: speculate only if predicted >= 1 + min_gain x off (None: 0.02)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -82,6 +89,13 @@ class TrainConfig:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
         if self.n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {self.n_envs}")
+        if self.algo != "hindsight" and self.min_gain is not None:
+            raise ValueError(f"min_gain applies to algo='hindsight' (its outputs are speed-ups over k = 0), not "
+                             f"{self.algo!r}: leave it unset")
+        if self.algo == "hindsight" and self.min_gain is None:
+            self.min_gain = DEFAULT_MIN_GAIN
+        if self.min_gain is not None and not 0 <= self.min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
 
 
 @dataclass
@@ -275,7 +289,7 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
                 opt.step()
             if budget_s is not None and time.perf_counter() - start > budget_s:
                 break
-        art = export_artifact(model, env)
+        art = export_artifact(model, env, min_gain=cfg.min_gain)
         behaviour = LearnedPolicy(art)
         v = _validate_goodput(scenario, cfg, art, (val_lo, hi))
         result.curve.append({"timesteps": int(n), "seconds": round(time.perf_counter() - start, 2),
@@ -314,12 +328,18 @@ def _linear_layers(module) -> list:
 
 
 def export_artifact(model, env: SpecDecodeEnv, *, version: str = "0", provenance: dict | None = None,
-                    evaluation: dict | None = None) -> PolicyArtifact:
+                    evaluation: dict | None = None, min_gain: float | None = None) -> PolicyArtifact:
     """Copy an SB3 policy's greedy path into a numpy :class:`PolicyArtifact`.
 
     PPO / MaskablePPO: ``mlp_extractor.policy_net`` (tanh) then ``action_net``; the argmax of
     the action logits is the deterministic action.  DQN: ``q_net`` (ReLU); argmax Q.
     Masked actions get a -1e9 bias so the artifact never picks them.
+
+    ``min_gain`` (the hindsight trainer's Q-network, whose outputs are speed-ups over ``k = 0``):
+    the off action's output is pinned at exactly 1 (zero weights, bias 1: its label is always 1,
+    so this only removes regression error) and every speculative action's bias is lowered by
+    ``min_gain``, so the artifact speculates only where a speed-up of at least ``1 + min_gain``
+    is predicted.
     """
     pol = model.policy
     if hasattr(pol, "q_net"):
@@ -331,6 +351,12 @@ def export_artifact(model, env: SpecDecodeEnv, *, version: str = "0", provenance
     ws = [layer.weight.detach().cpu().numpy().T.astype(np.float64) for layer in layers]
     bs = [layer.bias.detach().cpu().numpy().astype(np.float64) for layer in layers]
     mask = env.action_masks()
+    if min_gain is not None:
+        if activation != "relu":
+            raise ValueError("min_gain needs a Q-network of speed-ups (the hindsight trainer), not a PPO policy")
+        off = np.array([k == 0 for k, _w in env.actions.actions])
+        ws[-1][:, off] = 0.0
+        bs[-1] = np.where(off, 1.0, bs[-1] - float(min_gain))
     bs[-1] = np.where(mask, bs[-1], -1e9)
     return PolicyArtifact(env.feature_spec, env.actions.actions, ws, bs, activation=activation, version=version,
                           provenance=provenance or {}, evaluation=evaluation or {})

@@ -67,3 +67,38 @@ def test_it_learns_to_beat_every_static_k_under_drift(drift):
         g.setdefault(r.policy, []).append(r.goodput_tps)
     best_static = max(np.mean(v) for p, v in g.items() if p != "learned")
     assert np.mean(g["learned"]) >= 1.05 * best_static, g
+
+
+def test_min_gain_pins_off_at_one_and_demands_the_margin(drift):
+    """The hindsight export: off's output is exactly 1 (its label always is), every speculative action's
+    output drops by min_gain, so the artifact speculates only where >= 1 + min_gain is predicted."""
+    cfg = TrainConfig(timesteps=600, window_s=5.0, progress=False, rounds=1, epochs=1)
+    assert cfg.min_gain == 0.02  # the hindsight default
+    res = train(drift, cfg)
+    env = SpecDecodeEnv(drift, window_s=5.0)
+    raw, margin = export_artifact(res.model, env), export_artifact(res.model, env, min_gain=0.05)
+    obs = np.random.default_rng(1).random((300, env.observation_space.shape[0]))
+    q, qm = raw.logits(obs), margin.logits(obs)
+    off = np.array([k == 0 for k, _w in env.actions.actions])
+    valid = env.action_masks() & ~off
+    assert np.all(qm[:, off] == 1.0)
+    np.testing.assert_allclose(qm[:, valid], q[:, valid] - 0.05, atol=1e-12)
+    best_spec = q[:, valid].max(axis=1)
+    chosen_off = np.array([margin.actions[margin.act(o)][0] == 0 for o in obs])
+    np.testing.assert_array_equal(chosen_off, best_spec < 1.05)
+
+
+def test_min_gain_config_errors():
+    with pytest.raises(ValueError, match="min_gain applies to algo='hindsight'"):
+        TrainConfig(algo="ppo", min_gain=0.02)
+    with pytest.raises(ValueError, match=r"min_gain must be in \[0, 1\)"):
+        TrainConfig(min_gain=-0.1)
+    assert TrainConfig(algo="ppo").min_gain is None
+    assert TrainConfig(min_gain=0).min_gain == 0
+
+
+def test_min_gain_refuses_a_ppo_export(drift):
+    res = train(drift, TrainConfig(algo="ppo", timesteps=600, n_envs=1, window_s=5.0, progress=False,
+                                   eval_every=10_000))
+    with pytest.raises(ValueError, match="min_gain needs a Q-network"):
+        export_artifact(res.model, SpecDecodeEnv(drift, window_s=5.0), min_gain=0.02)
