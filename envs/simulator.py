@@ -47,7 +47,7 @@ import numpy as np
 
 from envs.profiles import AcceptanceProfile, CostModel
 
-__all__ = ["EngineConfig", "RequestArrays", "Simulator", "SimStats", "StepOutcome", "StepState"]
+__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState", "held_walks"]
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,35 @@ def _flatten_agree(requests: RequestArrays) -> tuple[np.ndarray, np.ndarray | No
     return np.concatenate(parts), off
 
 
+def held_walks(agree_flat: np.ndarray, starts: np.ndarray | None, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(accepted, steps)``, each ``[k - 1, i]``: the accepted tokens and sequence-steps of walking the
+    request whose ``agree`` array holds flat position ``i`` (``agree_flat`` / ``starts`` as
+    :func:`_flatten_agree` returns them) at a static ``k`` from that position to its end -- what
+    *holding* k from here gives, which a per-step draw misjudges (it reaches into a repetitive
+    stretch that holding a long k would have used up in a few steps).  Pointer doubling over all
+    requests at once: ``log2(longest request)`` numpy passes per k."""
+    n = len(agree_flat)
+    acc_out = np.zeros((max_k, n), dtype=np.int32)
+    steps_out = np.zeros((max_k, n), dtype=np.int32)
+    if starts is None or n == 0:
+        return acc_out, steps_out
+    ok = np.sort(starts[starts >= 0])
+    ends = np.append(ok[1:], n)
+    end_of = np.repeat(ends, ends - ok)  # each position's request end (exclusive)
+    a = agree_flat.astype(np.int64)
+    idx = np.arange(n)
+    for k in range(1, max_k + 1):
+        g = np.where(a > 0, np.minimum(a, k), 0)
+        nxt = idx + 1 + g
+        jump = np.append(np.where(nxt >= end_of, n, nxt), n)  # n: the end (no steps, nothing accepted)
+        steps = np.append(np.ones(n, dtype=np.int64), 0)
+        acc = np.append(g, 0)
+        while (jump[:n] < n).any():
+            steps, acc, jump = steps + steps[jump], acc + acc[jump], jump[jump]
+        acc_out[k - 1], steps_out[k - 1] = acc[:n], steps[:n]
+    return acc_out, steps_out
+
+
 class Simulator:
     """Replays request arrivals through a continuous-batching engine (module docstring).
 
@@ -283,6 +312,7 @@ class Simulator:
         self.noise = noise
         self.record_steps = record_steps
         self._agree_flat, self._agree_off = _flatten_agree(requests)
+        self._held: tuple[np.ndarray, np.ndarray] | None = None  # held_walks, computed on the first peek_held
         self.reset(seed)
 
     # ------------------------------------------------------------------ state
@@ -361,6 +391,32 @@ class Simulator:
         prefill = self._prefill_budget(B, k, width)
         kv = min(1.0, self._ctx_total / self.config.kv_capacity_tokens)
         return acc, self.cost.predict_one(B, k, width, prefill, kv)
+
+    def peek_held(self, k: int, width: int = 1) -> float:
+        """Accepted tokens the prepared step would have with ``(k, width)`` if ``k`` were then held.
+        The slots walking their request's ``agree`` array count, together, their accepted tokens per
+        sequence-step over the rest of their requests at k (:func:`held_walks`, pooled over the
+        slots: the rate of finishing their remaining work holding k); any other slot its realised
+        draw as in :meth:`peek`.  The hindsight trainer's label: a policy that cannot see where in
+        its repetitive stretches each sequence is cannot harvest them step by step the way the
+        realised draw suggests."""
+        B = self._n_decoding
+        if k == 0 or not B:
+            return 0.0
+        if width != 1 or self._agree_off is None:
+            return float(self.peek(k, width)[0])
+        dec = self._decoding
+        lengths, _ = self._accept_lengths(dec, k, self.t + self.time_offset_s, width)
+        off = self._slot_off[dec]
+        walk = off >= 0
+        drawn = float(np.minimum(lengths[~walk], k).sum())
+        if not walk.any():
+            return drawn
+        if self._held is None:
+            self._held = held_walks(self._agree_flat, self._agree_off, self.config.max_k)
+        at = off[walk] + (self._slot_total[dec] - self._out_left[dec])[walk]
+        acc, steps = self._held
+        return drawn + float(walk.sum() * acc[k - 1, at].sum() / steps[k - 1, at].sum())
 
     def _accept_lengths(self, dec: np.ndarray, k: int, t_s: float, width: int) -> tuple[np.ndarray, int]:
         """Acceptance lengths (before the cap at k) of the decoding slots ``dec``, and how many of

@@ -3,10 +3,14 @@
 Two families, selected by ``algo``:
 
 * ``"hindsight"`` (default): full-information regression into an SB3 ``DQN`` Q-network.
-  The simulator's common random numbers let every action's realised outcome at a step be
-  computed (:meth:`envs.simulator.Simulator.peek`), so each visited state yields a label
-  for *every* action: its decode speed-up over ``k = 0`` (committed tokens per decode
-  millisecond, relative).  Regressing those labels on the shared features learns
+  The simulator's common random numbers let every action's outcome at a step be computed
+  (:meth:`envs.simulator.Simulator.peek_held`), so each visited state yields a label for
+  *every* action: its decode speed-up over ``k = 0`` (committed tokens per decode
+  millisecond, relative).  Where a request carries recorded draft agreement, its accepted
+  tokens are those of *holding* the action from this position to the request's end, not
+  this step's draw: a policy cannot see where each sequence is in its repetitive stretches,
+  and the draw at positions a short k walks through slowly overrates a long k (with ngram,
+  k = 4 accepts 2.2 tokens per step at a random position but 1.3 when held).  Regressing those labels on the shared features learns
   ``E[speed-up | features, action]``, whose argmax is the best per-step action a policy
   without hindsight can take -- the per-step oracle's choice minus its clairvoyance.
   States come from rollouts of goodput-greedy, then of the current network (DAgger-style
@@ -200,7 +204,8 @@ def train(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
 
 
 def _speedup_labels(env: SpecDecodeEnv, valid: list[int], cost) -> tuple[np.ndarray, float] | None:
-    """Every valid action's realised decode speed-up over k=0 at the prepared step (None when idle)."""
+    """Every valid action's decode speed-up over k=0 at the prepared step (None when idle): its accepted
+    tokens as holding it would give (:meth:`Simulator.peek_held`) over the fitted step cost."""
     s = env._state
     if s.batch_size == 0:
         return None
@@ -209,7 +214,7 @@ def _speedup_labels(env: SpecDecodeEnv, valid: list[int], cost) -> tuple[np.ndar
     base = s.batch_size / base_ms
     for i in valid:
         k, w = env.actions.actions[i]
-        acc, _ = env.sim.peek(k, w)
+        acc = env.sim.peek_held(k, w)
         out[i] = (s.batch_size + acc) / cost.predict_one(s.batch_size, k, w, 0, s.kv_usage) / base
     return out, base_ms
 

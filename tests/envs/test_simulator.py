@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from envs.profiles import PROFILES, AcceptanceProfile, RooflineCost
-from envs.simulator import EngineConfig, RequestArrays, Simulator
+from envs.simulator import EngineConfig, RequestArrays, Simulator, _flatten_agree, held_walks
 from envs.synth import replay_fidelity, trace_action_policy
 from envs.trace import load_trace
 
@@ -226,3 +226,49 @@ def test_walk_gain_is_the_static_walk_and_feeds_expected_gain():
     assert prof.expected_gain(2, width=2) == pytest.approx(prof.expected_accepted(2, width=2))  # trees: the draw
     with pytest.raises(ValueError, match="one value in \\[0, k\\] per k = 1..4"):
         AcceptanceProfile(p=[0.9] * 4, walk_gain=[0.5, 3.0, 1.0, 1.0])
+
+
+def _walk_from(a, t, k):
+    steps = acc = 0
+    while t < len(a):
+        g = min(k, a[t]) if a[t] > 0 else 0
+        steps, acc, t = steps + 1, acc + g, t + 1 + g
+    return acc, steps
+
+
+def test_held_walks_are_the_static_walk_from_every_position():
+    rng = np.random.default_rng(3)
+    agree = [None if i % 4 == 1 else rng.integers(-1, 5, size=n).astype(np.int8)
+             for i, n in enumerate(rng.integers(1, 70, size=25))]
+    reqs = RequestArrays(np.arange(25.0), np.full(25, 8), [25 if a is None else len(a) for a in agree], agree)
+    flat, starts = _flatten_agree(reqs)
+    acc, steps = held_walks(flat, starts, 4)
+    for i, a in enumerate(reqs.agree):
+        if a is None:
+            continue
+        for k in range(1, 5):
+            got = [(int(acc[k - 1, starts[i] + t]), int(steps[k - 1, starts[i] + t])) for t in range(len(a))]
+            assert got == [_walk_from(a, t, k) for t in range(len(a))], (i, k)
+    none = held_walks(*_flatten_agree(RequestArrays([0.0], [5], [3])), 4)
+    assert none[0].shape == (4, 0)
+
+
+def test_peek_held_counts_holding_k_not_this_steps_draw():
+    agree = [-1, 0, 3, 2, 1, 0, -1, 3, 0, 0]  # from t = 1 held: k=1 3/6, k=2 4/5, k=4 6/4 per step
+    sim = Simulator(RequestArrays([0.0], [8], [10], [agree]), PRE.cost, AcceptanceProfile(p=[0.5] * 4),
+                    EngineConfig(max_k=4), seed=0)
+    while (s := sim.prepare()).batch_size == 0:
+        sim.execute(0)
+    assert sim.peek(4)[0] == 0  # agree[1] = 0: this step's draw accepts nothing
+    assert [sim.peek_held(k) for k in (0, 1, 2, 4)] == pytest.approx([0.0, 3 / 6, 4 / 5, 6 / 4])
+    # two walking slots pool their remaining work; a slot without agree adds its realised draw
+    reqs = RequestArrays([0.0, 0.0, 0.0], [8, 8, 8], [10, 4, 30], [agree, [-1, 4, 0, 0], None])
+    sim = Simulator(reqs, PRE.cost, AcceptanceProfile(p=[0.999] * 4), EngineConfig(max_k=4), seed=0)
+    while (s := sim.prepare()).batch_size < 3:
+        sim.execute(0)
+    pos = [1, 1]  # each walking request has its first token
+    a0, s0 = _walk_from(agree, pos[0], 2)
+    a1, s1 = _walk_from([-1, 4, 0, 0], pos[1], 2)
+    drawn = sim.peek(2)[0] - min(2, agree[1]) - min(2, 4)
+    assert sim.peek_held(2) == pytest.approx(2 * (a0 + a1) / (s0 + s1) + drawn)
+    assert drawn == 2  # p ~ 1: the request without agree accepts both
