@@ -64,6 +64,7 @@ __all__ = [
     "RooflineCost",
     "PROFILES",
     "agree_walk_gain",
+    "held_walks",
     "fit_acceptance",
     "fit_cost",
     "profile_from_dict",
@@ -569,23 +570,46 @@ def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float
 # =========================================================================== serialisation and presets
 
 
+def held_walks(agree_flat: np.ndarray, starts: np.ndarray | None, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(accepted, steps)``, each ``[k - 1, i]``: the accepted tokens and sequence-steps of walking the
+    request whose ``agree`` array holds flat position ``i`` (``agree_flat``: the requests' arrays end
+    to end; ``starts``: each request's first position in it, -1 for a request without one) at a static ``k`` from that position to its end -- what
+    *holding* k from here gives, which a per-step draw misjudges (it reaches into a repetitive
+    stretch that holding a long k would have used up in a few steps).  Pointer doubling over all
+    requests at once: ``log2(longest request)`` numpy passes per k."""
+    n = len(agree_flat)
+    acc_out = np.zeros((max_k, n), dtype=np.int32)
+    steps_out = np.zeros((max_k, n), dtype=np.int32)
+    if starts is None or n == 0:
+        return acc_out, steps_out
+    ok = np.sort(starts[starts >= 0])
+    ends = np.append(ok[1:], n)
+    end_of = np.repeat(ends, ends - ok)  # each position's request end (exclusive)
+    a = agree_flat.astype(np.int64)
+    idx = np.arange(n)
+    for k in range(1, max_k + 1):
+        g = np.where(a > 0, np.minimum(a, k), 0)
+        nxt = idx + 1 + g
+        jump = np.append(np.where(nxt >= end_of, n, nxt), n)  # n: the end (no steps, nothing accepted)
+        steps = np.append(np.ones(n, dtype=np.int64), 0)
+        acc = np.append(g, 0)
+        while (jump[:n] < n).any():
+            steps, acc, jump = steps + steps[jump], acc + acc[jump], jump[jump]
+        acc_out[k - 1], steps_out[k - 1] = acc[:n], steps[:n]
+    return acc_out, steps_out
+
+
 def agree_walk_gain(arrays, depth: int) -> list[float]:
     """Per k = 1..depth, accepted tokens per sequence-step when every request's ``agree`` array
     (:mod:`serving_patch.agree`) is walked at that static k from its first decode step: the settled
     acceptance of holding k, request mix included (a long k leaves a repetitive stretch sooner)."""
-    arrays = [np.asarray(a, dtype=np.int64) for a in arrays if a is not None and len(a) > 1]
-    out = []
-    for k in range(1, depth + 1):
-        steps = acc = 0
-        for a in arrays:
-            t, n = 1, len(a)
-            while t < n:
-                g = min(k, a[t]) if a[t] > 0 else 0
-                steps += 1
-                acc += g
-                t += 1 + g
-        out.append(float(acc / steps) if steps else 0.0)
-    return out
+    arrays = [np.asarray(a, dtype=np.int8) for a in arrays if a is not None and len(a) > 1]
+    if not arrays:
+        return [0.0] * depth
+    starts = np.cumsum([0] + [len(a) for a in arrays[:-1]])
+    acc, steps = held_walks(np.concatenate(arrays), starts, depth)
+    first = starts + 1  # the first decode step: the prefill produced token 0
+    return (acc[:, first].sum(axis=1) / steps[:, first].sum(axis=1)).tolist()
 
 
 def profile_from_dict(d: dict):

@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.profiles import AcceptanceProfile, CostModel
+from envs.profiles import AcceptanceProfile, CostModel, held_walks
 
-__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState", "held_walks"]
+__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState"]
 
 
 @dataclass(frozen=True)
@@ -258,35 +258,6 @@ def _flatten_agree(requests: RequestArrays) -> tuple[np.ndarray, np.ndarray | No
             parts.append(a)
             n += len(a)
     return np.concatenate(parts), off
-
-
-def held_walks(agree_flat: np.ndarray, starts: np.ndarray | None, max_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(accepted, steps)``, each ``[k - 1, i]``: the accepted tokens and sequence-steps of walking the
-    request whose ``agree`` array holds flat position ``i`` (``agree_flat`` / ``starts`` as
-    :func:`_flatten_agree` returns them) at a static ``k`` from that position to its end -- what
-    *holding* k from here gives, which a per-step draw misjudges (it reaches into a repetitive
-    stretch that holding a long k would have used up in a few steps).  Pointer doubling over all
-    requests at once: ``log2(longest request)`` numpy passes per k."""
-    n = len(agree_flat)
-    acc_out = np.zeros((max_k, n), dtype=np.int32)
-    steps_out = np.zeros((max_k, n), dtype=np.int32)
-    if starts is None or n == 0:
-        return acc_out, steps_out
-    ok = np.sort(starts[starts >= 0])
-    ends = np.append(ok[1:], n)
-    end_of = np.repeat(ends, ends - ok)  # each position's request end (exclusive)
-    a = agree_flat.astype(np.int64)
-    idx = np.arange(n)
-    for k in range(1, max_k + 1):
-        g = np.where(a > 0, np.minimum(a, k), 0)
-        nxt = idx + 1 + g
-        jump = np.append(np.where(nxt >= end_of, n, nxt), n)  # n: the end (no steps, nothing accepted)
-        steps = np.append(np.ones(n, dtype=np.int64), 0)
-        acc = np.append(g, 0)
-        while (jump[:n] < n).any():
-            steps, acc, jump = steps + steps[jump], acc + acc[jump], jump[jump]
-        acc_out[k - 1], steps_out[k - 1] = acc[:n], steps[:n]
-    return acc_out, steps_out
 
 
 class Simulator:

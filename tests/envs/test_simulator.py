@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from envs.profiles import PROFILES, AcceptanceProfile, RooflineCost
-from envs.simulator import EngineConfig, RequestArrays, Simulator, _flatten_agree, held_walks
+from envs.profiles import PROFILES, AcceptanceProfile, RooflineCost, held_walks
+from envs.simulator import EngineConfig, RequestArrays, Simulator, _flatten_agree
 from envs.synth import replay_fidelity, trace_action_policy
 from envs.trace import load_trace
 
@@ -221,6 +221,7 @@ def test_walk_gain_is_the_static_walk_and_feeds_expected_gain():
     agree = [-1, 0, 3, 2, 1, 0, -1, 3, 0, 0]  # the request of the walk test above: 3/6, 4/5, 6/4 per step
     gain = agree_walk_gain([agree, None], 4)
     np.testing.assert_allclose(gain, [3 / 6, 4 / 5, 6 / 4, 6 / 4])
+    assert agree_walk_gain([None, [-1]], 2) == [0.0, 0.0]  # nothing to walk
     prof = AcceptanceProfile(p=[0.9] * 4, walk_gain=gain)
     assert prof.expected_gain(2) == pytest.approx(0.8) and prof.expected_gain(0) == 0.0
     assert prof.expected_gain(2, width=2) == pytest.approx(prof.expected_accepted(2, width=2))  # trees: the draw
