@@ -18,16 +18,21 @@ Every feature lies in ``[0, 1]``:
                     drafter's current agreement with the target, independent of k
 ``accept0``         EMA of ``accepted_per_pos[0] / drafts`` (both EMAs hold their last value
                     while speculation is off)
-``last_k``          previous step's ``k / max_k``
-``last_width``      previous step's ``width / max_width``
 ==================  ===========================================================
 
 The state also keeps EMAs of the step time and of committed tokens per ms (the env's ``rate``
-reward reads the latter), but they are not observed, and neither is how long ago the last
-speculative step was: all three move with the k the policy itself chooses.  A policy that saw
-them learned the load from its own actions: at the start of a heavy closed loop (no speculative
-step yet) it chose k = 0 from batch 11 up and, never speculating again, stayed off -- 0.86 of the
-best fixed k on the real engine at concurrency 32 (``bench/bench_engine.py``, ngram).
+reward reads the latter) and the last step's k and width (the sidecar reports them), but they
+are not observed, and neither is how long ago the last speculative step was: all of them move
+with the k the policy itself chooses, and in the simulator none of them changes what an action
+gives, so whatever a network reads from them is learned from the behaviour policy's habits.
+Two such habits reached the engine (``bench/bench_engine.py``):
+
+- with the staleness observed, at the start of a heavy closed loop (no speculative step yet) the
+  policy chose k = 0 from batch 11 up and, never speculating again, stayed off: 0.86 of the best
+  fixed k at concurrency 32 (ngram);
+- with the last k observed, at batch 16 it rated k = 1 above off after an off step and below it
+  after a k = 1 step, so it alternated: speculative on most steps where its batch-size table (read
+  at one last k) said off, 0.93 of off at concurrency 16 (draft_model).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-FEATURE_NAMES = ("batch", "log_batch", "waiting", "kv_usage", "prefill", "alpha", "accept0", "last_k", "last_width")
+FEATURE_NAMES = ("batch", "log_batch", "waiting", "kv_usage", "prefill", "alpha", "accept0")
 N_FEATURES = len(FEATURE_NAMES)
 BATCH_FEATURES = (0, 1)  # the entries a batch-size table sweeps
 
@@ -112,8 +117,6 @@ def observe(state: FeatureState, batch_size: int, waiting: int, kv_usage: float,
     o[4] = min(1.0, prefill_pending / (4.0 * s.token_budget))
     o[5] = state.alpha
     o[6] = state.accept0
-    o[7] = state.last_k / s.max_k
-    o[8] = state.last_width / s.max_width
     return o
 
 

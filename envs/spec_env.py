@@ -9,9 +9,9 @@ then ``(k, width)`` for ``k = 1..max_k`` and each width (:class:`controller.acti
 Widths the engine does not support are reported by :meth:`SpecDecodeEnv.action_masks`
 (for MaskablePPO) and, if chosen anyway, mapped to the nearest supported action.
 
-**Observation space** -- ``Box(0, 1, (11,), float32)`` from the shared feature function
-:func:`controller.features.observe` (batch size, queue, KV usage, pending prefill,
-recent acceptance, recent step cost and throughput, last action).
+**Observation space** -- ``Box(0, 1, (7,), float32)`` from the shared feature function
+:func:`controller.features.observe` (batch size twice, queue, KV usage, pending prefill,
+two acceptance EMAs; see its module docstring for what is left out and why).
 
 **Reward** -- ``"latency"`` (default): ``-step_seconds * requests_in_system``.  Summed over
 an episode this is minus the total time requests spent in the system, so the return is

@@ -249,7 +249,7 @@ def fold_steps(entry: EngineEntry, steps: Sequence[Any]) -> None:
     """Feed finished steps (objects with the trace step fields) into the engine's state.
 
     ``k`` and ``width`` are clipped to the policy's FeatureSpec so ``last_k`` and
-    ``last_width`` stay in the observation box the policy was trained on.
+    ``last_width`` (kept in the state, not observed) stay within the policy's action range.
     """
     st = entry.state
     spec = st.spec
