@@ -258,14 +258,14 @@ def test_peek_held_counts_holding_k_not_this_steps_draw():
     agree = [-1, 0, 3, 2, 1, 0, -1, 3, 0, 0]  # from t = 1 held: k=1 3/6, k=2 4/5, k=4 6/4 per step
     sim = Simulator(RequestArrays([0.0], [8], [10], [agree]), PRE.cost, AcceptanceProfile(p=[0.5] * 4),
                     EngineConfig(max_k=4), seed=0)
-    while (s := sim.prepare()).batch_size == 0:
+    while sim.prepare().batch_size == 0:
         sim.execute(0)
     assert sim.peek(4)[0] == 0  # agree[1] = 0: this step's draw accepts nothing
     assert [sim.peek_held(k) for k in (0, 1, 2, 4)] == pytest.approx([0.0, 3 / 6, 4 / 5, 6 / 4])
     # two walking slots pool their remaining work; a slot without agree adds its realised draw
     reqs = RequestArrays([0.0, 0.0, 0.0], [8, 8, 8], [10, 4, 30], [agree, [-1, 4, 0, 0], None])
     sim = Simulator(reqs, PRE.cost, AcceptanceProfile(p=[0.999] * 4), EngineConfig(max_k=4), seed=0)
-    while (s := sim.prepare()).batch_size < 3:
+    while sim.prepare().batch_size < 3:
         sim.execute(0)
     pos = [1, 1]  # each walking request has its first token
     a0, s0 = _walk_from(agree, pos[0], 2)
