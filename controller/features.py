@@ -20,12 +20,12 @@ Every feature lies in ``[0, 1]``:
                     while speculation is off)
 ==================  ===========================================================
 
-The state also keeps EMAs of the step time and of committed tokens per ms (the env's ``rate``
-reward reads the latter) and the last step's k and width (the sidecar reports them), but they
-are not observed, and neither is how long ago the last speculative step was: all of them move
-with the k the policy itself chooses, and in the simulator none of them changes what an action
-gives, so whatever a network reads from them is learned from the behaviour policy's habits.
-Two such habits reached the engine (``bench/bench_engine.py``):
+The state also keeps an EMA of committed tokens per ms (the env's ``rate`` reward reads it), but
+it is not observed, and neither are the step time, the last step's k and width, or how long ago
+the last speculative step was: all of them move with the k the policy itself chooses, and in the
+simulator none of them changes what an action gives, so whatever a network reads from them is
+learned from the behaviour policy's habits.  Two such habits reached the engine
+(``bench/bench_engine.py``):
 
 - with the staleness observed, at the start of a heavy closed loop (no speculative step yet) the
   policy chose k = 0 from batch 11 up and, never speculating again, stayed off: 0.86 of the best
@@ -65,8 +65,7 @@ class FeatureSpec:
 class FeatureState:
     """Exponential averages of the finished steps; one per engine (the sidecar keys them by engine id)."""
 
-    __slots__ = ("spec", "alpha", "accept0", "step_ms", "tok_per_ms", "last_k", "last_width",
-                 "_log_seqs", "_log_wait", "_buf")
+    __slots__ = ("spec", "alpha", "accept0", "tok_per_ms", "_log_seqs", "_log_wait", "_buf")
 
     def __init__(self, spec: FeatureSpec):
         self.spec = spec
@@ -78,10 +77,7 @@ class FeatureState:
     def reset(self) -> None:
         self.alpha = self.spec.accept_prior
         self.accept0 = self.spec.accept_prior
-        self.step_ms = 0.0
         self.tok_per_ms = 0.0
-        self.last_k = 0
-        self.last_width = 1
 
     def update(self, batch_size: int, k: int, width: int, drafts: int, accepted_per_pos, step_ms: float,
                committed_tokens: int | None = None) -> None:
@@ -95,11 +91,8 @@ class FeatureState:
                 self.alpha += a * (accepted / trials - self.alpha)
             self.accept0 += a * (accepted_per_pos[0] / drafts - self.accept0)
         if step_ms > 0:
-            self.step_ms = step_ms if self.step_ms == 0.0 else self.step_ms + a * (step_ms - self.step_ms)
             c = batch_size + accepted if committed_tokens is None else committed_tokens
             self.tok_per_ms += a * (c / step_ms - self.tok_per_ms)
-        self.last_k = k
-        self.last_width = width if k else 1
 
 
 def observe(state: FeatureState, batch_size: int, waiting: int, kv_usage: float, prefill_pending: int,

@@ -572,10 +572,11 @@ def fit_acceptance(traces: list[Trace], *, bin_s: float = 30.0, width_rho: float
 
 def held_walks(agree_flat: np.ndarray, starts: np.ndarray | None, max_k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(accepted, steps)``, each ``[k - 1, i]``: the accepted tokens and sequence-steps of walking the
-    request whose ``agree`` array holds flat position ``i`` (``agree_flat``: the requests' arrays end
-    to end; ``starts``: each request's first position in it, -1 for a request without one) at a static ``k`` from that position to its end -- what
-    *holding* k from here gives, which a per-step draw misjudges (it reaches into a repetitive
-    stretch that holding a long k would have used up in a few steps).  Pointer doubling over all
+    request whose ``agree`` array holds flat position ``i`` at a static ``k`` from that position to
+    its end (``agree_flat``: the requests' arrays end to end; ``starts``: each request's first
+    position in it, -1 for a request without one) -- what *holding* k from here gives, which a
+    per-step draw misjudges (it reaches into a repetitive stretch that holding a long k would
+    have used up in a few steps).  Pointer doubling over all
     requests at once: ``log2(longest request)`` numpy passes per k."""
     n = len(agree_flat)
     acc_out = np.zeros((max_k, n), dtype=np.int32)

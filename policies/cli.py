@@ -62,7 +62,6 @@ def typical_decision(artifact, scenario, trace: Trace):
 
     st = FeatureState(artifact.feature_spec)
     st.alpha = st.accept0 = float(scenario.acceptance.p[0])
-    st.step_ms = float(np.median(trace.steps["step_ms"])) if trace.n_steps else 0.0
     kv = float(np.median(trace.steps["kv_usage"])) if trace.n_steps else 0.0
     return artifact.decision(st, waiting=0, kv_usage=kv, prefill_pending=0)
 

@@ -10,8 +10,8 @@ Two families, selected by ``algo``:
   tokens are those of *holding* the action from this position to the request's end, not
   this step's draw: a policy cannot see where each sequence is in its repetitive stretches,
   and the draw at positions a short k walks through slowly overrates a long k (with ngram,
-  k = 4 accepts 2.2 tokens per step at a random position but 1.3 when held).  Regressing those labels on the shared features learns
-  ``E[speed-up | features, action]``, whose argmax is the best per-step action a policy
+  k = 4 accepts 2.2 tokens per step at a random position but 1.3 when held).  Regressing
+  those labels on the shared features learns ``E[speed-up | features, action]``, whose argmax is the best per-step action a policy
   without hindsight can take -- the per-step oracle's choice minus its clairvoyance.
   States come from rollouts of goodput-greedy, then of the current network (DAgger-style
   rounds), with ``explore`` random actions.  Thousands of times more sample-efficient than

@@ -33,7 +33,7 @@ from controller.features import BATCH_FEATURES, FeatureSpec, FeatureState, batch
 __all__ = ["EngineEntry", "EngineStates", "PolicySnapshot", "PolicyStore", "decide", "decide_runs", "fold_steps",
            "load_snapshot"]
 
-_EMA_FIELDS = ("alpha", "accept0", "step_ms", "tok_per_ms", "last_k", "last_width")
+_EMA_FIELDS = ("alpha", "accept0", "tok_per_ms")
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,6 @@ class EngineEntry:
         new = FeatureState(spec)
         for name in _EMA_FIELDS:
             setattr(new, name, getattr(self.state, name))
-        new.last_k = min(new.last_k, spec.max_k)
-        new.last_width = min(new.last_width, spec.max_width)
         self.state = new
 
 
@@ -248,8 +246,7 @@ class EngineStates:
 def fold_steps(entry: EngineEntry, steps: Sequence[Any]) -> None:
     """Feed finished steps (objects with the trace step fields) into the engine's state.
 
-    ``k`` and ``width`` are clipped to the policy's FeatureSpec so ``last_k`` and
-    ``last_width`` (kept in the state, not observed) stay within the policy's action range.
+    ``k`` and ``width`` are clipped to the policy's FeatureSpec (``accepted_per_pos`` is cut to k).
     """
     st = entry.state
     spec = st.spec

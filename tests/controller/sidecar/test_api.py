@@ -156,8 +156,7 @@ def test_fast_argmax_is_the_artifacts_argmax(hidden, activation, scale):
     rng = np.random.default_rng(0)
     for _ in range(50):
         st = FeatureState(art.feature_spec)
-        st.alpha, st.accept0, st.step_ms, st.tok_per_ms = rng.random(4) * [1, 1, 100, 10]
-        st.last_k = int(rng.integers(0, 5))
+        st.alpha, st.accept0, st.tok_per_ms = rng.random(3) * [1, 1, 10]
         obs = observe(st, 0, int(rng.integers(0, 100)), float(rng.random()), int(rng.integers(0, 9000)))
         rows = batch_sweep(obs, np.arange(65), art.feature_spec)
         np.testing.assert_array_equal(snap.argmax_table(obs), np.argmax(art.logits(rows), axis=1))
