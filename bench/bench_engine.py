@@ -42,6 +42,10 @@ decision cost (``ControlledLookup.__getitem__``) and the whole hook against the 
 recorder's cost (its own time per step, and an A/B of the same configuration with and
 without recording), and the k = 0 tax (``off (vllm)`` / ``no-spec``) and what is left of it through
 the plugin (``off (ctl)`` / ``no-spec``).
+
+Each level also prints the k that ``learned`` ran on its decode steps (the controller's
+``k_steps`` counter), and the confirmation says on what share of them it ran the best's k: at
+100% learned and the best are one configuration, so their ratio reads the run-to-run noise.
 """
 
 from __future__ import annotations
@@ -177,6 +181,12 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # compared at one level run within minutes of each other and slow drift in the machine hits them alike
     acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
     steps: dict[str, list] = {name: [0, 0, 0.0, 0] for name, _ in configs}  # choose ns, hook ns, step ms, steps
+    kmix: dict[str, dict[Level, list[int]]] = {name: {} for name, _ in configs}  # steps by the k they ran
+
+    def add_k(into, name, c, st):
+        got = into.setdefault(name, {}).setdefault(c, [0] * (MAX_K + 1))
+        for k, n in enumerate(st["k_steps"]):
+            got[k] += n
     for c in levels:
         for rep in range(repeats):
             for name, src in (configs if rep % 2 == 0 else configs[::-1]):
@@ -185,6 +195,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                 ctl.reset_counters()
                 acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves))
                 st = ctl.stats()
+                add_k(kmix, name, c, st)
                 n = st["steps"]
                 tot = steps[name]
                 tot[0] += st["choose_us_per_step"] * n
@@ -202,6 +213,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # the no-spec engine (kept alive for this), in rounds of alternating order, measure both ratios
     # pair by pair without that selection bias or the drift between engines measured minutes apart
     confirm = {}
+    ckmix: dict[str, dict[Level, list[int]]] = {}
     srcs = dict(configs)
     for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
@@ -214,9 +226,12 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                 else:
                     drafter.set_lazy(name != VLLM_PASS)
                     ctl.set_source(srcs[name])
+                    ctl.reset_counters()
                     runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves)[0])
+                    if name == "learned":
+                        add_k(ckmix, name, c, ctl.stats())
         drafter.set_lazy(True)
-        confirm[c] = {"best": best, "runs": runs}
+        confirm[c] = {"best": best, "runs": runs, "learned_k_steps": ckmix.get("learned", {}).get(c)}
 
     # recorder: its own time per step, and an A/B of the same configuration (ABAB, c = 8)
     ctl.set_source("static:2")
@@ -241,7 +256,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
         close_llm(base)
         del base
     return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
-            "confirm": confirm}
+            "confirm": confirm, "k_steps": kmix}
 
 
 def report(method: str, levels: list[Level], res: dict) -> None:
@@ -253,6 +268,11 @@ def report(method: str, levels: list[Level], res: dict) -> None:
         best = max(STATICS, key=lambda n: rows[n][c][0])
         ratio = rows["learned"][c][0] / rows[best][c][0]
         print(f"{c!s:<8}" + "".join(f"{rows[n][c][0]:>12.1f}" for n in names) + f"{ratio:>14.3f}  {best}")
+    mix = res.get("k_steps", {}).get("learned", {})
+    if mix:
+        print("learned's decode steps by the k they ran: " + "; ".join(
+            f"{c} " + " ".join(f"k={k} {100 * n / max(sum(mix[c]), 1):.0f}%" for k, n in enumerate(mix[c]) if n)
+            for c in levels if c in mix))
     if res["confirm"]:
         rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
         print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
@@ -260,8 +280,13 @@ def report(method: str, levels: list[Level], res: dict) -> None:
         for c, conf in res["confirm"].items():
             runs, best = conf["runs"], conf["best"]
             mean = {n: sum(v) / len(v) for n, v in runs.items()}
+            ks = conf.get("learned_k_steps")
+            same = ""
+            if ks:  # where learned ran the best's k on every step, the two are one configuration: noise
+                share = ks[STATICS.index(best)] / max(sum(ks), 1)
+                same = f"; learned ran {best}'s k on {100 * share:.1f}% of its {sum(ks)} decode steps"
             print(f"  {c!s:<6} learned / {best:<10} {paired_ratio(runs['learned'], runs[best])}   "
-                  f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s)")
+                  f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s{same})")
             print(f"  {'':6} off (ctl) / no-spec  {paired_ratio(runs['off (ctl)'], runs['no-spec'])}   "
                   f"(off (ctl) {mean['off (ctl)']:.1f}, no-spec {mean['no-spec']:.1f} tok/s)")
             print(f"  {'':6} {VLLM_PASS} / no-spec {paired_ratio(runs[VLLM_PASS], runs['no-spec'])}   "

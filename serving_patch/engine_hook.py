@@ -134,6 +134,7 @@ class StepController:
         self.version = "fallback"
         # counters (each written by one thread)
         self.steps = 0
+        self.k_steps = [0] * (self.max_k + 1)  # steps with decodes, by the k they ran
         self.decisions = 0
         self.explored = 0
         self.fb_no_decision = 0
@@ -296,6 +297,8 @@ class StepController:
                "draft_tokens": draft_tokens, "accepted_tokens": accepted, "accepted_per_pos": per_pos,
                "step_ms": step_ms}
         self.steps += 1
+        if batch and k < len(self.k_steps):
+            self.k_steps[k] += 1
         self.step_ms_total += step_ms
         if self.recorder is not None:
             rec["t_s"] = self.recorder.rel_mono(t_start)
@@ -458,6 +461,7 @@ class StepController:
     def reset_counters(self) -> None:
         """Zero the step and overhead counters (benchmarks measure one configuration at a time)."""
         self.steps = self.decisions = self.explored = 0
+        self.k_steps = [0] * (self.max_k + 1)
         self.choose_ns = self.hook_ns = 0
         self.step_ms_total = 0.0
         if self.recorder is not None:
@@ -467,7 +471,8 @@ class StepController:
     def stats(self) -> dict[str, Any]:
         steps = max(self.steps, 1)
         out = {"controlling": self.controlling, "method": self.method, "max_k": self.max_k,
-               "version": self.version, "steps": self.steps, "decisions": self.decisions,
+               "version": self.version, "steps": self.steps, "k_steps": list(self.k_steps),
+               "decisions": self.decisions,
                "explored": self.explored, "refreshes": self.refreshes,
                "fallbacks": {"no_decision": self.fb_no_decision, "expired": self.fb_expired},
                "errors": {"hook": self.hook_errors, "poll": self.poll_errors, "bad_decision": self.bad_decisions},

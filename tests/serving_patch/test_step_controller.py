@@ -229,6 +229,11 @@ def test_recorder_writes_valid_steps_and_requests_in_arrival_order(tmp_path):
     a.num_output_tokens = 6
     ctl.on_free(a)
     c.num_output_tokens = 1
+    st = ctl.stats()
+    # steps with decodes by the k they ran (3, then 2); the prefill-only first step has no k to count
+    assert st["steps"] == 3 and st["k_steps"] == [0, 0, 1, 1, 0]
+    ctl.reset_counters()
+    assert ctl.stats()["k_steps"] == [0] * (MAX_K + 1)
     ctl.close()  # c never finished: written with the tokens it had, without finish_s
     assert not validate_files([out_path])[out_path]
     tr = load_trace(out_path)
