@@ -180,7 +180,8 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
     # compared at one level run within minutes of each other and slow drift in the machine hits them alike
     acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
-    steps: dict[str, list] = {name: [0, 0, 0.0, 0] for name, _ in configs}  # choose ns, hook ns, step ms, steps
+    # choose us, hook us, step ms, steps, refresher CPU us (summed over steps)
+    steps: dict[str, list] = {name: [0, 0, 0.0, 0, 0.0] for name, _ in configs}
     kmix: dict[str, dict[Level, list[int]]] = {name: {} for name, _ in configs}  # steps by the k they ran
 
     def add_k(into, name, c, st):
@@ -202,11 +203,12 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                 tot[1] += st["hook_us_per_step"] * n
                 tot[2] += st["mean_step_ms"] * n
                 tot[3] += n
+                tot[4] += st["refresh_us_per_step"] * n
     drafter.set_lazy(True)
     for name, by_c in acc.items():
         rows[name] = {c: (sum(r[0] for r in rs) / len(rs), sum(r[1] for r in rs) / len(rs)) for c, rs in by_c.items()}
-        ch, hk, ms, n = steps[name]
-        overhead[name] = (ch / max(n, 1), hk / max(n, 1), ms / max(n, 1), n)
+        ch, hk, ms, n, rf = steps[name]
+        overhead[name] = (ch / max(n, 1), hk / max(n, 1), ms / max(n, 1), n, rf / max(n, 1))
 
     # confirmation: the best of off & static k above was picked as the max of noisy means (it wins
     # its level by luck as well as by merit); fresh runs of learned against it, and of off (ctl) against
@@ -304,11 +306,13 @@ def report(method: str, levels: list[Level], res: dict) -> None:
             f"{c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
             + "  (vLLM's k = 0: speculative path every step" + (", drafter pass" if method == "draft_model" else "")
             + "; the tax the plugin removes)")
-    print("per-step controller cost (decision = table lookup; whole hook incl. step record) vs mean step:")
-    for name, (choose_us, hook_us, step_ms, steps) in res["overhead"].items():
-        print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, step {step_ms:7.2f} ms "
-              f"-> {100 * choose_us / 1000 / step_ms:.4f}% / {100 * (choose_us + hook_us) / 1000 / step_ms:.3f}% "
-              f"({steps} steps)")
+    print("per-step controller cost (decision = table lookup; whole hook incl. step record; the background "
+          "refresher's CPU, which holds the GIL) vs mean step:")
+    for name, (choose_us, hook_us, step_ms, steps, refresh_us) in res["overhead"].items():
+        print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, refresher {refresh_us:6.1f} us, "
+              f"step {step_ms:7.2f} ms -> {100 * choose_us / 1000 / step_ms:.4f}% / "
+              f"{100 * (choose_us + hook_us) / 1000 / step_ms:.3f}% / "
+              f"{100 * (choose_us + hook_us + refresh_us) / 1000 / step_ms:.3f}% ({steps} steps)")
     on, off = res["recorder_ab"]["on"], res["recorder_ab"]["off"]
     own = [100 * us / 1000 / ms for us, ms in res["recorder_us"]]
     print(f"recorder: own time {', '.join(f'{x:.3f}%' for x in own)} of the step; A/B tokens/s at c=8 (static:2) "

@@ -7,8 +7,9 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
 
 - :class:`EmbeddedSource` -- the trained policy artifact (``policy.json``) evaluated in this
   process with the shared feature function: the step records feed a
-  :class:`controller.features.FeatureState`, and each poll evaluates the numpy MLP once for
-  every batch size (~0.1 ms).  The file is re-read when it changes (``train-controller``
+  :class:`controller.features.FeatureState`, and a poll that finds a new step or a new engine
+  snapshot evaluates the numpy MLP once for every batch size (~0.1 ms; else it returns at
+  once).  The file is re-read when it changes (``train-controller``
   replaces it atomically); a missing or corrupt file keeps the last good policy.
 - :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
   (its own thread posts the steps to ``POST /v1/decide`` and swaps in the answer).
@@ -124,6 +125,7 @@ class EmbeddedSource(DecisionSource):
         self._mtime: float | None = None
         self._next_check = 0.0
         self._steps: deque[dict] = deque(maxlen=4096)
+        self._decided_for: tuple | None = None  # the snapshot of the last decision (None: decide)
         self.load_errors = 0
         self.loads = 0
         self.last_error: str | None = None
@@ -151,6 +153,7 @@ class EmbeddedSource(DecisionSource):
         if self.artifact is None or art.feature_spec != self.artifact.feature_spec:
             self.state = FeatureState(art.feature_spec)
         self.artifact = art
+        self._decided_for = None  # a new policy decides at the next poll
         self.loads += 1
         self.last_error = None
         log.info("spec-controller: loaded policy %s (version %s)", self.path, art.version)
@@ -169,12 +172,17 @@ class EmbeddedSource(DecisionSource):
         self._maybe_reload()
         steps = self._steps
         state = self.state
+        folded = bool(steps)
         while steps:
             r = steps.popleft()
             if state is not None:
                 state.update(r["batch_size"], r["k"], r["width"], r["drafts"], r["accepted_per_pos"], r["step_ms"])
         if self.artifact is None or state is None:
             return None
+        key = (snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
+        if not folded and key == self._decided_for:
+            return None  # nothing new since the last decision: it stands
+        self._decided_for = key
         return self.artifact.decision(state, snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
 
     def stats(self) -> dict[str, Any]:

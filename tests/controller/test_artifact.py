@@ -35,6 +35,31 @@ def test_decision_table_matches_per_batch_act():
     assert d.lookup(1000) == d.table[-1]
 
 
+def test_fast_decision_equals_the_full_batch_sweep_at_random_states():
+    from controller.features import batch_sweep
+
+    spec = FeatureSpec(max_num_seqs=32, max_k=3)
+    rng = np.random.default_rng(7)
+    distinct = []
+    for seed in range(4):
+        art = PolicyArtifact.random(spec, ACTIONS, hidden=(16, 16), seed=seed)
+        st = FeatureState(spec)
+        tables = set()
+        for _ in range(200):
+            st.alpha, st.accept0 = float(rng.uniform()), float(rng.uniform())
+            w, kv, p = int(rng.integers(0, 40)), float(rng.uniform()), int(rng.integers(0, 20000))
+            rows = batch_sweep(observe(st, 0, w, kv, p), np.arange(33), spec)
+            want = [ACTIONS[i] for i in np.argmax(art.logits(rows), axis=1)]
+            got = art.decision(st, w, kv, p).table
+            assert got == tuple([(0, 1)] + want[1:])
+            tables.add(got)
+        # a recurring table is the same tuple each time (the controller compares it cheaply)
+        again = {art.decision(st, 0, 0.5, 0).table for _ in range(3)}
+        assert len({id(t) for t in again}) == 1
+        distinct.append(len(tables))
+    assert max(distinct) > 1, distinct  # the random states do move the table
+
+
 def test_ranges_form():
     d = Decision(((0, 1), (4, 1), (4, 1), (2, 1), (0, 1)))
     assert d.ranges() == [[1, 2, 4], [3, 3, 2], [4, 4, 0]]

@@ -107,6 +107,9 @@ def test_cycle_flips_every_step():
     ctl.close()
 
 
+STEP = {"batch_size": 4, "k": 2, "width": 1, "drafts": 4, "accepted_per_pos": [3, 1], "step_ms": 20.0}
+
+
 def test_missing_then_valid_then_corrupt_then_raising_policy(tmp_path, monkeypatch):
     path = tmp_path / "policy.json"
     env = {"SPEC_CONTROLLER": str(path), "SPEC_CONTROLLER_FALLBACK_K": "1", "SPEC_CONTROLLER_RELOAD_S": "0.05",
@@ -124,11 +127,14 @@ def test_missing_then_valid_then_corrupt_then_raising_policy(tmp_path, monkeypat
         errors = ctl.source.load_errors
         path.write_text("{ not json")
         time.sleep(0.06)
-        assert ctl.refresh_now()  # still decides, with the old artifact
+        assert not ctl.refresh_now()  # nothing new (no step, same snapshot): the decision stands
         assert sched.dynamic_sd_lookup[2] == 3 and ctl.source.load_errors == errors + 1
         assert "not valid JSON" in ctl.source.last_error
+        ctl.source.on_step(STEP)
+        assert ctl.refresh_now() and sched.dynamic_sd_lookup[2] == 3  # a new step: decided with the old artifact
         # a policy that raises: the last good table stays, the error is counted
         monkeypatch.setattr(PolicyArtifact, "decision", lambda *a, **k: 1 / 0)
+        ctl.source.on_step(STEP)
         assert not ctl.refresh_now() and ctl.poll_errors == 1 and "ZeroDivisionError" in ctl.last_error
         assert sched.dynamic_sd_lookup[2] == 3
     finally:
@@ -295,5 +301,62 @@ def test_a_source_that_wants_requests_gets_them_in_arrival_order_on_the_step_clo
         # the steps' clock (seconds since the controller was created): arrivals ~0.5 s and ~0.6 s
         assert abs(ra["arrival_s"] - 0.5) < 0.2 and abs(rb["arrival_s"] - ra["arrival_s"] - 0.1) < 1e-6
         assert ra["finish_s"] >= ra["arrival_s"] and rb["finish_s"] >= rb["arrival_s"]
+    finally:
+        ctl.close()
+
+
+# ---------------------------------------------------------------------- refresher
+
+
+def test_embedded_source_decides_only_when_something_changed(tmp_path):
+    from serving_patch.sources import EmbeddedSource, EngineSnapshot
+
+    src = EmbeddedSource(policy(tmp_path, k_by_bias=2))
+    snap = EngineSnapshot(waiting=0, kv_usage=0.25, prefill_pending=0)
+    first = src.poll(snap)
+    assert first is not None and first.table[3] == (2, 1)
+    assert src.poll(snap) is None  # no step, same snapshot: the decision stands (no MLP pass)
+    src.on_step(STEP)
+    assert src.poll(snap) is not None  # a step moved the feature state
+    assert src.poll(snap) is None
+    snap.waiting = 3
+    assert src.poll(snap) is not None  # the queue moved
+    assert src.poll(snap) is None
+    time.sleep(0.01)
+    policy(tmp_path, k_by_bias=4)  # a new file (atomic replace), seen at the next reload check
+    src.reload_s, src._next_check = 0.0, 0.0
+    again = src.poll(snap)
+    assert again is not None and again.table[3] == (4, 1)
+
+
+def test_each_finished_step_wakes_the_refresher():
+    # the timer alone would not poll for 20 s: only the steps do
+    ctl, sched = make({"SPEC_CONTROLLER": "static:1", "SPEC_CONTROLLER_REFRESH_S": "20"})
+    try:
+        polls = ctl.polls
+        t = time.monotonic()
+        for i in range(3):
+            o = schedule_step(ctl, sched, 1, {"a": 2}, {"a": [1]}, t + i * 0.01)
+            finish_step(ctl, o, {"a": [1, 2]})
+            deadline = time.monotonic() + 2.0
+            while ctl.polls < polls + i + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert ctl.polls == polls + i + 1
+        st = ctl.stats()
+        assert st["polls"] == ctl.polls and st["refresh_us_per_step"] > 0
+    finally:
+        ctl.close()
+    assert ctl._thread is None  # close wakes and joins it at once
+
+
+def test_a_repeated_table_after_expiry_is_served_again_not_the_fallback():
+    ctl, sched = make({"SPEC_CONTROLLER": "static:0", "SPEC_CONTROLLER_FALLBACK_K": "1"})
+    try:
+        d = Decision.static(3, max_num_seqs=SEQS)
+        ctl.source = GarbageSource([d, Decision(tuple(d.table), "again")])
+        assert ctl.refresh_now() and sched.dynamic_sd_lookup[2] == 3
+        ctl._deadline = 0.0  # the table expires: the static fallback serves
+        assert sched.dynamic_sd_lookup[2] == 1 and ctl.fb_expired == 1
+        assert ctl.refresh_now() and sched.dynamic_sd_lookup[2] == 3 and ctl.version == "again"
     finally:
         ctl.close()
