@@ -6,8 +6,8 @@ variables reach every vLLM process, the spawned EngineCore included).
 ==================================  ==========================================================
 ``SPEC_CONTROLLER``                 the decision source (below); unset = vLLM decides k
 ``SPEC_CONTROLLER_FALLBACK_K``      the configured static k used when no good decision exists (0)
-``SPEC_CONTROLLER_REFRESH_S``       the background thread refreshes the table after every
-                                  step, and every this many seconds while no step comes (0.25)
+``SPEC_CONTROLLER_REFRESH_S``       how often the background thread polls the source (0.02);
+                                  the embedded policy runs only when a step landed since
 ``SPEC_CONTROLLER_MAX_AGE_S``       a table older than this is not used: static fallback (30)
 ``SPEC_CONTROLLER_RELOAD_S``        how often a policy file is checked for a new version (2)
 ``SPEC_CONTROLLER_EXPLORE``         fraction of steps on a uniformly random k (0; recording)
@@ -108,7 +108,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 class PluginConfig:
     source: tuple[str, str] | None = None  # (kind, argument); None = vLLM's own k
     fallback_k: int = 0
-    refresh_s: float = 0.25
+    refresh_s: float = 0.02
     max_age_s: float = 30.0
     reload_s: float = 2.0
     explore: float = 0.0
@@ -168,7 +168,7 @@ class PluginConfig:
         return cls(
             source=source,
             fallback_k=_int(env, "SPEC_CONTROLLER_FALLBACK_K", 0, 0),
-            refresh_s=_float(env, "SPEC_CONTROLLER_REFRESH_S", 0.25, 1e-4, 3600),
+            refresh_s=_float(env, "SPEC_CONTROLLER_REFRESH_S", 0.02, 1e-4, 3600),
             max_age_s=_float(env, "SPEC_CONTROLLER_MAX_AGE_S", 30.0, 1e-3, 1e6),
             reload_s=_float(env, "SPEC_CONTROLLER_RELOAD_S", 2.0, 0.05, 1e6),
             explore=_float(env, "SPEC_CONTROLLER_EXPLORE", 0.0, 0.0, 1.0),

@@ -8,14 +8,15 @@ many tokens per request and the rejection sampler verifies any count up to
 whose ``__getitem__`` indexes the controller's newest table (ARCHITECTURE.md contract 4):
 the per-step critical path is a list index, a clock read and the exploration draw
 (~0.5 us, measured into :attr:`StepController.choose_ns`).  A background thread polls the
-decision source (:mod:`serving_patch.sources`) after every finished step (``after_update``
-sets an event; every ``refresh_s`` while no step comes) and swaps in the new table; nothing
-on the step path waits for it.  The poll runs on its own thread but holds the GIL that the
-engine's Python needs, so its CPU time is counted too (:attr:`StepController.refresh_ns`).
-It polls once per step, not on a fast timer: the 50 Hz timer it had before ran the policy 7
-times per CPU-engine step (draft_model, c=16, 2 cores), 2.0-2.4 ms of CPU per ~130 ms step;
-once per step, with the cheaper :meth:`~controller.artifact.PolicyArtifact.decision`, it
-takes ~0.33 ms.
+decision source (:mod:`serving_patch.sources`) every ``refresh_s`` (20 ms) and swaps in the
+new table; nothing on the step path waits for it.  The poll runs on its own thread but holds
+the GIL that the engine's Python needs, so its CPU time is counted too
+(:attr:`StepController.refresh_ns`), and the embedded policy runs only when a step landed or
+the queue moved since the last poll: evaluated at every tick, it ran 7 times per CPU-engine
+step (draft_model, c=16, 2 cores), 1.7-2.4 ms of CPU per ~120-140 ms step; now once per step,
+with the cheaper :meth:`~controller.artifact.PolicyArtifact.decision`.
+(Waking the thread from each step instead cost the step path a futex call: the hook went
+from ~20 to ~65 us.)
 
 Fallbacks, each counted: before the first good decision the configured static k
 (``no_decision``); a poll that raises or returns garbage keeps the last good table
@@ -164,7 +165,6 @@ class StepController:
         self._inflight: dict[int, tuple] = {}
         self.source: DecisionSource | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()  # set after every step: the refresher polls once per step
         self._thread: threading.Thread | None = None
         self._orig_lookup = scheduler.dynamic_sd_lookup
         self.controlling = False
@@ -311,7 +311,6 @@ class StepController:
         if batch and k < len(self.k_steps):
             self.k_steps[k] += 1
         self.step_ms_total += step_ms
-        self._wake.set()  # the refresher: a new step to fold in, and a new snapshot
         if self.recorder is not None:
             rec["t_s"] = self.recorder.rel_mono(t_start)
             r0 = _perf_ns()
@@ -343,15 +342,10 @@ class StepController:
 
     # ------------------------------------------------------------------ background
     def _run(self) -> None:
-        # once per finished step (woken by after_update), else every refresh_s (an idle engine:
-        # reloads, sidecar pushes).  Each poll takes the GIL that the engine's own Python needs
-        # (module docstring); a source with nothing new returns at once
-        wake, stop = self._wake, self._stop
-        while not stop.is_set():
-            wake.wait(self.config.refresh_s)
-            wake.clear()
-            if stop.is_set():
-                break
+        # a timer, not a wake-up per step: waking this thread from the step path costs the step a
+        # futex call (~50 us measured on the 2-core VM).  Each poll takes the GIL that the engine's
+        # own Python needs (module docstring); a source with nothing new returns at once
+        while not self._stop.wait(self.config.refresh_s):
             self.refresh_now()
 
     def refresh_now(self) -> bool:
@@ -522,7 +516,6 @@ class StepController:
 
     def close(self) -> None:
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None

@@ -7,9 +7,8 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
 
 - :class:`EmbeddedSource` -- the trained policy artifact (``policy.json``) evaluated in this
   process with the shared feature function: the step records feed a
-  :class:`controller.features.FeatureState`, and a poll that finds a new step or a new engine
-  snapshot evaluates the numpy MLP once for every batch size (~0.1 ms; else it returns at
-  once).  The file is re-read when it changes (``train-controller``
+  :class:`controller.features.FeatureState`, and a poll that finds a new step or a changed
+  queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).  The file is re-read when it changes (``train-controller``
   replaces it atomically); a missing or corrupt file keeps the last good policy.
 - :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
   (its own thread posts the steps to ``POST /v1/decide`` and swaps in the answer).
@@ -179,7 +178,9 @@ class EmbeddedSource(DecisionSource):
                 state.update(r["batch_size"], r["k"], r["width"], r["drafts"], r["accepted_per_pos"], r["step_ms"])
         if self.artifact is None or state is None:
             return None
-        key = (snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
+        # KV use moves at every schedule and is read again at the next step: a new step or a
+        # queue change decides (once per step, not twice)
+        key = (snapshot.waiting, snapshot.prefill_pending)
         if not folded and key == self._decided_for:
             return None  # nothing new since the last decision: it stands
         self._decided_for = key

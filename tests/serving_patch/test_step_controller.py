@@ -322,6 +322,8 @@ def test_embedded_source_decides_only_when_something_changed(tmp_path):
     snap.waiting = 3
     assert src.poll(snap) is not None  # the queue moved
     assert src.poll(snap) is None
+    snap.kv_usage = 0.3
+    assert src.poll(snap) is None  # KV use moves every schedule: read at the next step's decision
     time.sleep(0.01)
     policy(tmp_path, k_by_bias=4)  # a new file (atomic replace), seen at the next reload check
     src.reload_s, src._next_check = 0.0, 0.0
@@ -329,24 +331,28 @@ def test_embedded_source_decides_only_when_something_changed(tmp_path):
     assert again is not None and again.table[3] == (4, 1)
 
 
-def test_each_finished_step_wakes_the_refresher():
-    # the timer alone would not poll for 20 s: only the steps do
-    ctl, sched = make({"SPEC_CONTROLLER": "static:1", "SPEC_CONTROLLER_REFRESH_S": "20"})
+def test_the_timer_polls_but_the_policy_runs_only_after_a_step(tmp_path, monkeypatch):
+    calls = []
+    real = PolicyArtifact.decision
+    monkeypatch.setattr(PolicyArtifact, "decision", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ctl, sched = make({"SPEC_CONTROLLER": f"embedded:{policy(tmp_path, k_by_bias=2)}",
+                       "SPEC_CONTROLLER_REFRESH_S": "0.005"})
     try:
-        polls = ctl.polls
+        assert sched.dynamic_sd_lookup[3] == 2 and len(calls) == 1  # the first decision, at start
+        time.sleep(0.1)
+        assert ctl.polls >= 5 and len(calls) == 1  # polled ~20 times: nothing new, the policy never ran
         t = time.monotonic()
-        for i in range(3):
-            o = schedule_step(ctl, sched, 1, {"a": 2}, {"a": [1]}, t + i * 0.01)
-            finish_step(ctl, o, {"a": [1, 2]})
-            deadline = time.monotonic() + 2.0
-            while ctl.polls < polls + i + 1 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert ctl.polls == polls + i + 1
+        o = schedule_step(ctl, sched, 2, {"a": 3}, {"a": [1, 2]}, t)
+        finish_step(ctl, o, {"a": [1, 2, 3]})
+        deadline = time.monotonic() + 2.0
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(0.05)
+        assert len(calls) == 2  # one step: one evaluation
         st = ctl.stats()
-        assert st["polls"] == ctl.polls and st["refresh_us_per_step"] > 0
+        assert st["polls"] >= 5 and st["refresh_us_per_step"] > 0  # the refresher's CPU, per step
     finally:
         ctl.close()
-    assert ctl._thread is None  # close wakes and joins it at once
 
 
 def test_a_repeated_table_after_expiry_is_served_again_not_the_fallback():
