@@ -7,7 +7,8 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER``                 the decision source (below); unset = vLLM decides k
 ``SPEC_CONTROLLER_FALLBACK_K``      the configured static k used when no good decision exists (0)
 ``SPEC_CONTROLLER_REFRESH_S``       how often the background thread polls the source (0.02);
-                                  the embedded policy runs only when a step landed since
+                                  the embedded policy runs only when a step landed or
+                                  the queue moved since the last poll
 ``SPEC_CONTROLLER_MAX_AGE_S``       a table older than this is not used: static fallback (30)
 ``SPEC_CONTROLLER_RELOAD_S``        how often a policy file is checked for a new version (2)
 ``SPEC_CONTROLLER_EXPLORE``         fraction of steps on a uniformly random k (0; recording)

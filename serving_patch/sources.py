@@ -8,8 +8,9 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
 - :class:`EmbeddedSource` -- the trained policy artifact (``policy.json``) evaluated in this
   process with the shared feature function: the step records feed a
   :class:`controller.features.FeatureState`, and a poll that finds a new step or a changed
-  queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).  The file is re-read when it changes (``train-controller``
-  replaces it atomically); a missing or corrupt file keeps the last good policy.
+  queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).
+  The file is re-read when it changes (``train-controller`` replaces it atomically); a
+  missing or corrupt file keeps the last good policy.
 - :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
   (its own thread posts the steps to ``POST /v1/decide`` and swaps in the answer).
 - :class:`StaticSource` -- one fixed table: ``static:K`` or a vLLM-style batch-size table.
