@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.artifact import ACTIVATIONS, ArtifactError, Decision, PolicyArtifact, read_artifact_bytes
-from controller.features import BATCH_FEATURES, FeatureSpec, FeatureState, batch_sweep, observe
+from controller.artifact import ArtifactError, Decision, PolicyArtifact, read_artifact_bytes
+from controller.features import FeatureSpec, FeatureState, observe
 
 __all__ = ["EngineEntry", "EngineStates", "PolicySnapshot", "PolicyStore", "decide", "decide_runs", "fold_steps",
            "load_snapshot"]
@@ -46,48 +46,10 @@ class PolicySnapshot:
     loaded_at: float
     static: Decision  # the sidecar's own fallback: speculation off for every batch size
     _maps: dict = field(default_factory=dict, repr=False, compare=False)
-    _f32: tuple = field(default=(), repr=False, compare=False)
-    _sweep1: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self):
-        art = self.artifact
-        f32 = tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in zip(art.weights, art.biases))
-        object.__setattr__(self, "_f32", f32)
-        # the batch entries' share of the first layer for every batch size, from the shared batch_sweep
-        spec = art.feature_spec
-        batch = batch_sweep(np.zeros(len(art.feature_names), np.float32), np.arange(spec.max_num_seqs + 1), spec)
-        cols = list(BATCH_FEATURES)
-        object.__setattr__(self, "_sweep1", batch[:, cols] @ f32[0][0][cols])
 
     def argmax_table(self, obs: np.ndarray) -> np.ndarray:
-        """``argmax(artifact.logits(batch_sweep(obs, 0..max_num_seqs)))``: the action index for
-        every batch size at observation ``obs`` (taken at batch size 0), ~3x faster.
-
-        The forward pass runs in float32 and the first layer is split into the part that
-        depends on the batch size (precomputed per policy) and the rest (one row), so the
-        257-row sweep is only built for re-checks: any batch size whose two best logits are
-        within a relative 1e-4 (float32 rounding measured <= 3e-7 on a 64x64 MLP) is
-        recomputed with the artifact's own float64 :meth:`PolicyArtifact.logits` on the
-        shared :func:`batch_sweep` rows, so the choice is the artifact's choice.
-        """
-        art = self.artifact
-        spec = art.feature_spec
-        act = ACTIVATIONS[art.activation]
-        o = np.asarray(obs, dtype=np.float32).copy()
-        o[list(BATCH_FEATURES)] = 0.0
-        (w0, b0), rest = self._f32[0], self._f32[1:]
-        x = self._sweep1 + (o @ w0 + b0)
-        for w, b in rest:
-            x = act(x) if art.activation != "tanh" else np.tanh(x, out=x)
-            x = x @ w
-            x += b
-        idx = np.argmax(x, axis=1)
-        if x.shape[1] > 1:
-            top2 = np.partition(x, -2, axis=1)[:, -2:]
-            close = np.flatnonzero((top2[:, 1] - top2[:, 0]) <= 1e-4 * (1.0 + np.abs(top2[:, 1])))
-            if close.size:
-                idx[close] = np.argmax(art.logits(batch_sweep(obs, close, spec)), axis=1)
-        return idx
+        """The action index for every batch size at ``obs``: :meth:`PolicyArtifact.argmax_batch`."""
+        return self.artifact.argmax_batch(obs)
 
     @property
     def version(self) -> str:
