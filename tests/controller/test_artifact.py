@@ -60,6 +60,28 @@ def test_fast_decision_equals_the_full_batch_sweep_at_random_states():
     assert max(distinct) > 1, distinct  # the random states do move the table
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_argmax_batch_breaks_float32_ties_as_float64_does(activation):
+    """Two actions whose logits differ by less than float32 resolves: the float32 fast path sees a
+    tie (it would pick the first), the float64 re-check picks what logits() picks."""
+    from controller.features import batch_sweep
+
+    spec = FeatureSpec(max_num_seqs=16, max_k=3)
+    art = PolicyArtifact.random(spec, ACTIONS, hidden=(8,), seed=5)
+    art.activation = activation
+    d = art.to_dict()
+    b = [0.5, 0.5 + 1e-9, 0.5, 0.5 - 1e-9]  # action 1 wins by 1e-9: invisible in float32
+    d["weights"][-1] = np.zeros_like(art.weights[-1]).tolist()  # every action's logit is its bias
+    d["biases"][-1] = b
+    art = PolicyArtifact.from_dict(d)
+    assert np.float32(b[1]) == np.float32(b[0])
+    obs = observe(FeatureState(spec), 0, 3, 0.4, 100)
+    want = np.argmax(art.logits(batch_sweep(obs, np.arange(17), spec)), axis=1)
+    assert set(want.tolist()) == {1}
+    np.testing.assert_array_equal(art.argmax_batch(obs), want)
+    assert set(art.decision(FeatureState(spec), 3, 0.4, 100).table[1:]) == {ACTIONS[1]}
+
+
 def test_ranges_form():
     d = Decision(((0, 1), (4, 1), (4, 1), (2, 1), (0, 1)))
     assert d.ranges() == [[1, 2, 4], [3, 3, 2], [4, 4, 0]]
