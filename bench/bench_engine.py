@@ -46,6 +46,8 @@ the plugin (``off (ctl)`` / ``no-spec``).
 Each level also prints the k that ``learned`` ran on its decode steps (the controller's
 ``k_steps`` counter), and the confirmation says on what share of them it ran the best's k: at
 100% learned and the best are one configuration, so their ratio reads the run-to-run noise.
+With more than one level, the confirmation ends with every level's pairs pooled into one
+learned / best interval (a shortfall common to all levels shows there first).
 """
 
 from __future__ import annotations
@@ -295,6 +297,10 @@ def report(method: str, levels: list[Level], res: dict) -> None:
                   f"({VLLM_PASS} {mean[VLLM_PASS]:.1f} tok/s)")
             print(f"  {'':6} off (ctl) / {VLLM_PASS} {paired_ratio(runs['off (ctl)'], runs[VLLM_PASS])}   "
                   "(what the plugin's k = 0 saves)")
+    if len(res["confirm"]) > 1:  # every level's pairs together: more power against a shortfall common to all
+        lr = [x for conf in res["confirm"].values() for x in conf["runs"]["learned"]]
+        br = [x for conf in res["confirm"].values() for x in conf["runs"][conf["best"]]]
+        print(f"  all {len(res['confirm'])} levels pooled: learned / best {paired_ratio(lr, br)}")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"{c!s:<8}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
