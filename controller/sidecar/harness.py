@@ -73,6 +73,17 @@ def http_json(method: str, port: int | None, path: str, body: Any = None, header
         return resp.status, text.decode(errors="replace")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM a running child and wait for it; SIGKILL it if it has not exited within ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 class ServerThread:
     """A real uvicorn server for ``app`` in a background thread."""
 
@@ -153,12 +164,7 @@ class SidecarProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def __enter__(self) -> SidecarProcess:
         return self.start()
@@ -235,13 +241,7 @@ class PrometheusServer:
         return {t["labels"]["job"]: t["health"] for t in self.api("targets")["activeTargets"]}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()
