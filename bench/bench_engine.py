@@ -1,6 +1,7 @@
 """The plugin on the real engine across load levels: every way of choosing k, side by side in one run.
 
     python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32] [--waves 32 8]
+                                 [--mixed 1 32]
                                  [--policy DIR_OR_policy.json] [--max-tokens 64] [--min-requests 12]
                                  [--wave-requests 64] [--repeats 2] [--confirm ROUNDS]
 
@@ -15,7 +16,11 @@ two kinds of load level:
   conversation trace from second 1200, prompt x0.125 up to 384 tokens, output x0.5 up to 128),
   sent N at a time, the next N once all of a wave have finished (a batch job sent in chunks).
   Output lengths differ, so within a wave the batch drains from N towards 1: the load where
-  choosing k by batch size can beat every fixed k.
+  choosing k by batch size can beat every fixed k;
+- ``m=A+B``, phases (``--mixed A B``): the closed loop at concurrency A, then at B (each phase's
+  requests as its ``c=`` level's), timed as one run: load that changes over time, as a day's
+  traffic does, where the best k of one phase is not the best of the other.  A fixed k has to
+  pick one phase to be good at; a batch-aware controller need not.
 
 tokens/s (output tokens / wall time) and mean request latency for:
 
@@ -108,13 +113,21 @@ def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
 @dataclass(frozen=True)
 class Level:
     """A load level: ``closed`` keeps ``n`` requests in flight (fixed sizes); ``waves`` sends ``n``
-    Azure-sized requests together and the next ``n`` when all have finished (the batch drains)."""
+    Azure-sized requests together and the next ``n`` when all have finished (the batch drains);
+    ``mixed`` runs the closed loop at each of ``phases`` in turn (``n`` is the largest)."""
 
     kind: str
     n: int
+    phases: tuple[int, ...] = ()
 
     def __str__(self) -> str:
+        if self.kind == "mixed":
+            return "m=" + "+".join(map(str, self.phases))
         return f"c={self.n}" if self.kind == "closed" else f"w={self.n}"
+
+    @classmethod
+    def mixed(cls, phases) -> Level:
+        return cls("mixed", max(phases), tuple(int(p) for p in phases))
 
 
 WARM = Level("closed", 2)  # the warm-up run of every engine
@@ -133,8 +146,18 @@ def requests_for(level: Level, prompts: list[list[int]], max_tokens: int, offset
 
 
 def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
+    """``(tokens/s, mean request latency s)`` of one run of ``level``; a mixed level's phases run
+    back to back and count as one run (all their tokens over all their wall time)."""
     from serving_patch.load import run_load
 
+    if level.kind == "mixed":
+        tokens, wall, lat = 0, 0.0, []
+        for i, c in enumerate(level.phases):
+            res = run_load(llm, requests_for(Level("closed", c), prompts, max_tokens, offset + 37 * i),
+                           concurrency=c)
+            tokens, wall = tokens + res.output_tokens, wall + res.wall_s
+            lat += res.latencies_s
+        return tokens / wall, sum(lat) / len(lat)
     res = run_load(llm, requests_for(level, prompts, max_tokens, offset, waves), concurrency=level.n,
                    waves=level.kind == "waves")
     return res.tokens_per_s, res.mean_latency_s
@@ -334,6 +357,9 @@ def main() -> int:
     ap.add_argument("--waves", type=int, nargs="*", default=[32, 8],
                     help="wave levels: that many Azure-sized requests sent together, the next wave when all have "
                          "finished, so the batch drains within a wave (none: give no value)")
+    ap.add_argument("--mixed", type=int, nargs="*", default=[], metavar="C",
+                    help="a phased level: the closed loop at each of these concurrencies in turn, timed as one run "
+                         "(e.g. 1 32: a quiet phase, then a busy one)")
     ap.add_argument("--wave-requests", type=int, default=64,
                     help="requests per wave level (waves of that level's size, the last one smaller)")
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
@@ -349,11 +375,15 @@ def main() -> int:
     args = ap.parse_args()
     if args.confirm == 1 or args.confirm < 0:
         ap.error(f"--confirm needs 0 (off) or at least 2 rounds for an interval, got {args.confirm}")
+    if len(args.mixed) == 1:
+        ap.error(f"--mixed needs at least two concurrencies (the phases), got {args.mixed}")
     levels = [Level("closed", c) for c in args.concurrency] + [Level("waves", n) for n in args.waves]
+    levels += [Level.mixed(args.mixed)] if args.mixed else []
     if not levels:
-        ap.error("no load level: give --concurrency and/or --waves values")
-    if any(lv.n < 1 or lv.n > 32 for lv in levels):
-        ap.error(f"--concurrency and --waves values must be in [1, 32] (the engine's max_num_seqs), got {levels}")
+        ap.error("no load level: give --concurrency, --waves and/or --mixed values")
+    if any(not 1 <= n <= 32 for lv in levels for n in (lv.n, *lv.phases)):
+        ap.error(f"--concurrency, --waves and --mixed values must be in [1, 32] (the engine's max_num_seqs), "
+                 f"got {[str(lv) for lv in levels]}")
     if args.waves and not 1 <= args.wave_requests <= 512:
         ap.error(f"--wave-requests must be in [1, 512], got {args.wave_requests}")
     global MIN_REQUESTS, WAVE_REQUESTS
