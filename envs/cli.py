@@ -117,10 +117,13 @@ def cmd_replay(args) -> int:
 
     worst = 0.0
     for path in expand_paths(args.paths):
-        rep = replay_fidelity(load_trace(path), seed=args.seed)
+        rep = replay_fidelity(load_trace(path), seed=args.seed, closed_loop=not args.open_loop)
         worst = max(worst, rep["max_rel_error"])
-        print(f"{path}: {rep['steps_trace']} steps recorded, {rep['steps_replay']} replayed")
-        for name in ("step_ms_mean", "step_ms_p50", "step_ms_p90", "step_ms_p99", "decode_tps", "busy_s"):
+        linked = rep["closed_loop_requests"]
+        print(f"{path}: {rep['steps_trace']} steps recorded, {rep['steps_replay']} replayed"
+              + (f" (closed loop: {linked} requests sent on a finish)" if linked else ""))
+        for name in ("step_ms_mean", "step_ms_p50", "step_ms_p90", "step_ms_p99", "batch_mean", "decode_tps",
+                     "busy_s"):
             v = rep[name]
             print(f"  {name:13s} trace {v['trace']:>11.3f}  replay {v['replay']:>11.3f}  error {v['rel_error']:.2%}")
     print(f"worst relative error {worst:.2%}")
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay traces' own actions in the fitted simulator; print errors")
     p.add_argument("paths", nargs="+")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--open-loop", action="store_true",
+                   help="replay recorded arrival times even where the header says the client was closed-loop")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("profiles", help="list the documented profile presets")

@@ -31,10 +31,13 @@ class Scenario:
 
     @classmethod
     def from_traces(cls, traces: str | os.PathLike | Iterable | list[Trace], *, seed: int = 0,
-                    acceptance_bin_s: float = 30.0, **config_overrides) -> Scenario:
+                    acceptance_bin_s: float = 30.0, closed_loop: bool = False, **config_overrides) -> Scenario:
         """Fit a scenario to traces.  The requests to replay are every trace's request records,
         one trace after another in the given order (:meth:`RequestArrays.concat`, 10 s apart), so
-        a training set of a light replay and a heavy sweep trains at both loads."""
+        a training set of a light replay and a heavy sweep trains at both loads.  ``closed_loop``:
+        replay a trace whose header says ``"client": "closed"`` as its client sent it (each request
+        when the one it waited for finishes in the simulation, :func:`envs.simulator.closed_loop_links`)
+        instead of at its recorded times."""
         if isinstance(traces, (str, os.PathLike)) or not all(isinstance(t, Trace) for t in traces):
             traces = load_traces(traces)
         traces = list(traces)
@@ -52,14 +55,15 @@ class Scenario:
         config = EngineConfig.from_header(head, **config_overrides)
         cost = fit_cost(with_steps, seed=seed)
         acc = fit_acceptance(with_steps, bin_s=acceptance_bin_s)
-        requests = RequestArrays.concat([RequestArrays.from_trace(t) for t in with_reqs])
+        requests = RequestArrays.concat([RequestArrays.from_trace(t, None if closed_loop else False)
+                                         for t in with_reqs])
         if requests.agree is not None:  # recorded agreement: the expectations come from walking it
             acc.walk_gain = agree_walk_gain(requests.agree, acc.depth)
             acc.report["walk_gain"] = acc.walk_gain
             acc.report["agree_requests"] = sum(a is not None for a in requests.agree)
         prov = {"traces": [{"path": str(t.path), "sha256": t.sha256, "source": t.header["source"]}
                            for t in traces],
-                "cost_fit": cost.report, "acceptance_fit": acc.report}
+                "cost_fit": cost.report, "acceptance_fit": acc.report, "closed_loop_requests": requests.closed_loop}
         return cls(name="+".join(t.path.name for t in traces), requests=requests,
                    cost=cost, acceptance=acc, config=config, provenance=prov)
 

@@ -2,7 +2,11 @@
 
 What it models (vLLM V1's scheduler, simplified where noted):
 
-* Requests arrive at their recorded ``arrival_s`` and wait in a FIFO queue.
+* Requests arrive at their recorded ``arrival_s`` and wait in a FIFO queue (open loop), or,
+  where the load came from a closed-loop client (``RequestArrays.after``), ``gap_s`` after the
+  request that released them finished *in the simulation*: a client that keeps N requests in
+  flight sends sooner when the engine runs faster, and an open-loop replay of its recorded
+  arrival times cannot (it runs the engine at the recorded pace whatever the actions do).
 * Each step, every running request that finished its prefill decodes: it is verified
   with ``k`` draft tokens (``width`` candidates per depth) and commits
   ``1 + accepted`` tokens, ``accepted`` drawn from the acceptance profile.  The token
@@ -38,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -47,7 +52,45 @@ import numpy as np
 
 from envs.profiles import AcceptanceProfile, CostModel, held_walks
 
-__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState"]
+__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState", "closed_loop_links"]
+
+CLOSED_LOOP_TOL_S = 0.05  # a closed-loop client sends within this long of the finish that freed a slot
+
+
+def closed_loop_links(arrival_s, finish_s, tol_s: float = CLOSED_LOOP_TOL_S) -> tuple[np.ndarray, np.ndarray]:
+    """``(after, gap_s)`` of a load recorded from a closed-loop client: each request linked to a
+    finish that came at most ``tol_s`` before its arrival (the engine step that freed its slot).
+
+    Requests in arrival order, each linked to the latest finish within ``tol_s`` that has not
+    released another request yet: one finish, one new request.  Requests beyond that (a client
+    that sent a whole wave, or a new concurrency level, once the last request finished) are
+    linked to the latest finish.  A request with no finish that close (the first ones of a run)
+    stays open loop (``after = -1``).
+
+        >>> after, gap = closed_loop_links([0.0, 0.0, 1.001, 1.5, 2.002, 2.003], [1.0, 2.0, 2.0, 3.0, 4.0, 4.1])
+        >>> after.tolist()
+        [-1, -1, 0, -1, 2, 1]
+    """
+    a = np.asarray(arrival_s, dtype=np.float64)
+    f = np.asarray(finish_s, dtype=np.float64)
+    n = len(a)
+    after = np.full(n, -1, dtype=np.int64)
+    gap = np.zeros(n)
+    done = np.flatnonzero(np.isfinite(f))
+    done = done[np.argsort(f[done], kind="stable")]
+    fs = f[done]
+    claimed = np.zeros(n, dtype=bool)
+    for i in np.argsort(a, kind="stable").tolist():
+        hi = int(np.searchsorted(fs, a[i], side="right"))  # finishes at or before the arrival ...
+        lo = int(np.searchsorted(fs, a[i] - tol_s, side="left"))  # ... and at most tol_s before it
+        if lo >= hi:
+            continue
+        near = done[lo:hi]
+        free = near[~claimed[near]]
+        j = int(free[-1]) if len(free) else int(near[-1])
+        claimed[j] = True
+        after[i], gap[i] = j, a[i] - f[j]
+    return after, gap
 
 
 @dataclass(frozen=True)
@@ -86,19 +129,41 @@ class RequestArrays:
     ``agree`` (optional, one entry per request, ``None`` where unknown): the request's draft
     agreement array from its trace record (:mod:`serving_patch.agree`); the simulator walks it
     instead of drawing acceptance from the profile.
+
+    ``after`` / ``gap_s`` (optional, closed-loop load, :func:`closed_loop_links`): request ``i``
+    with ``after[i] = j >= 0`` is sent ``gap_s[i]`` after request ``j`` (an earlier one) finishes,
+    not at ``arrival_s[i]``; ``-1`` = open loop, at ``arrival_s``.  ``arrival_s`` keeps the
+    recorded time for the order and for windows (a request whose releaser falls outside a
+    window arrives at its recorded time).
     """
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     agree: list | None = None
+    after: np.ndarray | None = None
+    gap_s: np.ndarray | None = None
 
     def __post_init__(self):
         self.arrival_s = np.asarray(self.arrival_s, dtype=np.float64)
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int64)
         self.output_tokens = np.asarray(self.output_tokens, dtype=np.int64)
-        if not (len(self.arrival_s) == len(self.prompt_tokens) == len(self.output_tokens)):
+        n = len(self.arrival_s)
+        if not (n == len(self.prompt_tokens) == len(self.output_tokens)):
             raise ValueError("arrival_s, prompt_tokens and output_tokens must have the same length")
+        if (self.after is None) != (self.gap_s is None):
+            raise ValueError("after and gap_s go together: give both (closed-loop links) or neither")
+        if self.after is not None:
+            self.after = np.asarray(self.after, dtype=np.int64)
+            self.gap_s = np.asarray(self.gap_s, dtype=np.float64)
+            if self.after.shape != (n,) or self.gap_s.shape != (n,):
+                raise ValueError(f"after and gap_s need one entry per request ({n}), got {self.after.shape} "
+                                 f"and {self.gap_s.shape}")
+            if np.any(self.after >= n) or np.any(self.after < -1) or np.any(self.gap_s < 0) or not np.all(
+                    np.isfinite(self.gap_s)):
+                raise ValueError("after must be -1 or a request index, gap_s finite and >= 0")
+            if not np.any(self.after >= 0):
+                self.after = self.gap_s = None
         if self.agree is not None:
             if len(self.agree) != len(self.arrival_s):
                 raise ValueError(f"agree needs one entry per request ({len(self.arrival_s)}), got {len(self.agree)}")
@@ -115,15 +180,36 @@ class RequestArrays:
                 self.arrival_s[order], self.prompt_tokens[order], self.output_tokens[order])
             if self.agree is not None:
                 self.agree = [self.agree[i] for i in order]
+            if self.after is not None:
+                new = np.empty(n, dtype=np.int64)
+                new[order] = np.arange(n)
+                a = self.after[order]
+                self.after, self.gap_s = np.where(a >= 0, new[np.maximum(a, 0)], -1), self.gap_s[order]
+        if self.after is not None and np.any(self.after >= np.arange(n)):
+            i = int(np.flatnonzero(self.after >= np.arange(n))[0])
+            raise ValueError(f"request {i} is released by request {self.after[i]}, which does not arrive before it")
 
     @classmethod
     def from_lists(cls, arrival_s, prompt_tokens, output_tokens) -> RequestArrays:
         return cls(np.asarray(arrival_s), np.asarray(prompt_tokens), np.asarray(output_tokens))
 
     @classmethod
-    def from_trace(cls, trace) -> RequestArrays:
+    def from_trace(cls, trace, closed_loop: bool | None = None) -> RequestArrays:
+        """The trace's requests.  ``closed_loop`` (None: the header's ``client`` field says, True
+        for ``"closed"``): link each request to the finish that released it
+        (:func:`closed_loop_links`), so the simulator replays the client, not its timestamps."""
         r = trace.requests
-        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"], trace.agree)
+        if closed_loop is None:
+            closed_loop = trace.header.get("client") == "closed"
+        after = gap = None
+        if closed_loop:
+            after, gap = closed_loop_links(r["arrival_s"], r["finish_s"])
+        return cls(r["arrival_s"], r["prompt_tokens"], r["output_tokens"], trace.agree, after, gap)
+
+    @property
+    def closed_loop(self) -> int:
+        """How many requests are released by another's finish (0: an open-loop load)."""
+        return 0 if self.after is None else int(np.count_nonzero(self.after >= 0))
 
     @classmethod
     def concat(cls, parts: Sequence[RequestArrays], gap_s: float = 10.0) -> RequestArrays:
@@ -131,7 +217,7 @@ class RequestArrays:
         after the previous part's last one (the order of ``parts``; sizes unchanged)."""
         if not parts:
             raise ValueError("concat needs at least one RequestArrays")
-        t, pt, ot, ag, end = [], [], [], [], 0.0
+        t, pt, ot, ag, af, gp, end, n = [], [], [], [], [], [], 0.0, 0
         for r in parts:
             if not len(r):
                 continue
@@ -140,10 +226,14 @@ class RequestArrays:
             pt.append(r.prompt_tokens)
             ot.append(r.output_tokens)
             ag.extend(r.agree if r.agree is not None else [None] * len(r))
+            af.append(np.where(r.after >= 0, r.after + n, -1) if r.after is not None else np.full(len(r), -1))
+            gp.append(r.gap_s if r.gap_s is not None else np.zeros(len(r)))
             end = float(t[-1][-1])
+            n += len(r)
         if not t:
             return cls(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return cls(np.concatenate(t), np.concatenate(pt), np.concatenate(ot), ag)
+        return cls(np.concatenate(t), np.concatenate(pt), np.concatenate(ot), ag, np.concatenate(af),
+                   np.concatenate(gp))
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -156,8 +246,15 @@ class RequestArrays:
             raise ValueError(f"load_scale must be > 0, got {load_scale}")
         t = self.arrival_s / load_scale
         m = (t >= start_s) & (t < start_s + duration_s)
-        agree = None if self.agree is None else [self.agree[i] for i in np.flatnonzero(m)]
-        return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m], agree)
+        idx = np.flatnonzero(m)
+        agree = None if self.agree is None else [self.agree[i] for i in idx]
+        after = gap = None
+        if self.after is not None:  # links inside the window kept; a releaser outside it: open loop
+            new = np.full(len(self), -1, dtype=np.int64)
+            new[idx] = np.arange(len(idx))
+            a = self.after[idx]
+            after, gap = np.where(a >= 0, new[np.maximum(a, 0)], -1), self.gap_s[idx]
+        return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m], agree, after, gap)
 
     @property
     def span_s(self) -> float:
@@ -284,6 +381,17 @@ class Simulator:
         self.record_steps = record_steps
         self._agree_flat, self._agree_off = _flatten_agree(requests)
         self._held: tuple[np.ndarray, np.ndarray] | None = None  # held_walks, computed on the first peek_held
+        # closed-loop links: the open-loop requests (recorded arrival order), and who each finish releases
+        n = len(requests)
+        after = requests.after if requests.after is not None else np.full(n, -1, dtype=np.int64)
+        self._open = np.flatnonzero(after < 0)
+        linked = np.flatnonzero(after >= 0)
+        linked = linked[np.argsort(after[linked], kind="stable")]
+        self._released_by = np.zeros(n + 1, dtype=np.int64)  # CSR: _released[_released_by[j]:_released_by[j + 1]]
+        np.cumsum(np.bincount(after[linked], minlength=n), out=self._released_by[1:])
+        self._released = linked
+        self._open_r = self._open.tolist()
+        self._open_t = requests.arrival_s[self._open].tolist()
         self.reset(seed)
 
     # ------------------------------------------------------------------ state
@@ -291,8 +399,10 @@ class Simulator:
         self.rng = np.random.default_rng(seed)
         S = self.config.max_num_seqs
         n = len(self.requests)
-        self.t = float(self.requests.arrival_s[0]) if n else 0.0
-        self._next = 0                        # next request to arrive
+        self.arrival_s = self.requests.arrival_s.copy()  # closed-loop requests: set when released
+        self.t = float(self.arrival_s[self._open[0]]) if len(self._open) else 0.0
+        self._next = 0                        # next open-loop request to arrive (index into _open)
+        self._release_q: list[tuple[float, int]] = []  # (arrival, request) of released closed-loop requests
         self._queue: deque[int] = deque()
         self._slot_req = np.full(S, -1, dtype=np.int64)
         self._out_left = np.zeros(S, dtype=np.int64)
@@ -322,13 +432,25 @@ class Simulator:
         self._noise_buf = np.empty(0)
         self._noise_i = 0
 
+    def _next_arrival(self) -> tuple[float, int]:
+        """The earliest request not yet queued, ``(arrival, request)``; ``(inf, -1)`` when none is known yet."""
+        i = self._next
+        nxt = (self._open_t[i], self._open_r[i]) if i < len(self._open_r) else (math.inf, -1)
+        if self._release_q and self._release_q[0][0] < nxt[0]:
+            return self._release_q[0]
+        return nxt
+
     def _admit_arrivals(self) -> None:
-        arr = self.requests.arrival_s
-        n = len(arr)
-        while self._next < n and arr[self._next] <= self.t:
-            self._queue.append(self._next)
-            self._waiting_prefill += int(self.requests.prompt_tokens[self._next])
-            self._next += 1
+        while True:
+            t, r = self._next_arrival()
+            if r < 0 or t > self.t:
+                return
+            if self._release_q and self._release_q[0][1] == r:
+                heapq.heappop(self._release_q)
+            else:
+                self._next += 1
+            self._queue.append(r)
+            self._waiting_prefill += int(self.requests.prompt_tokens[r])
 
     @property
     def completed(self) -> int:
@@ -339,9 +461,10 @@ class Simulator:
         """Admit arrivals up to now (jumping idle time) and describe the coming step."""
         self._admit_arrivals()
         if not self._queue and not self._prefilling and self._n_decoding == 0:
-            if self._next >= len(self.requests):
+            t, r = self._next_arrival()
+            if r < 0:  # every open-loop request arrived and every release happened: the run is over
                 return None
-            self.t = max(self.t, float(self.requests.arrival_s[self._next]))
+            self.t = max(self.t, t)
             self._admit_arrivals()
         # one uniform per slot: the realised acceptance of every action is fixed now
         self._u = self.rng.random(self.config.max_num_seqs)
@@ -561,13 +684,18 @@ class Simulator:
         self._slot_off[slot] = -1
         self._free.append(slot)
         self._completed += 1
+        lo, hi = self._released_by[r], self._released_by[r + 1]
+        for c in self._released[lo:hi].tolist():  # the closed-loop client sends the next request(s)
+            t_c = t + float(self.requests.gap_s[c])
+            self.arrival_s[c] = t_c
+            heapq.heappush(self._release_q, (t_c, c))
 
     # ------------------------------------------------------------------ results
     def stats(self) -> SimStats:
         done = np.isfinite(self.finish_s)
-        lat = self.finish_s[done] - self.requests.arrival_s[done]
+        lat = self.finish_s[done] - self.arrival_s[done]
         ttft_m = np.isfinite(self.first_token_s)
-        ttft = self.first_token_s[ttft_m] - self.requests.arrival_s[ttft_m]
+        ttft = self.first_token_s[ttft_m] - self.arrival_s[ttft_m]
         return SimStats(self._steps, int(done.sum()), len(self.requests), self.t, self._busy, self._committed,
                         self._drafted, self._accepted, lat, ttft, np.asarray(self._step_ms))
 

@@ -117,14 +117,17 @@ def _decode_rate(batch, accepted, step_ms) -> float:
     return float((np.sum(batch) + np.sum(accepted)) / (np.sum(step_ms) / 1000.0))
 
 
-def replay_fidelity(trace: Trace, *, seed: int = 0, scenario: Scenario | None = None) -> dict:
+def replay_fidelity(trace: Trace, *, seed: int = 0, scenario: Scenario | None = None,
+                    closed_loop: bool = True) -> dict:
     """Replay ``trace``'s requests with its own actions in a simulator fitted to it; compare.
 
-    Returns the trace's and the replay's step-time mean / p50 / p90 / p99, decode throughput
-    (``(batch + accepted) / busy second``, the trace format's committed tokens), and the
-    relative error of each.
+    Returns the trace's and the replay's step-time mean / p50 / p90 / p99, mean decode batch,
+    decode throughput (``(batch + accepted) / busy second``, the trace format's committed tokens),
+    and the relative error of each.  ``closed_loop``: a trace recorded from a closed-loop client
+    (header ``"client": "closed"``) is replayed as that client (``Scenario.from_traces``); False
+    replays its recorded arrival times.
     """
-    scenario = scenario or Scenario.from_traces([trace], seed=seed)
+    scenario = scenario or Scenario.from_traces([trace], seed=seed, closed_loop=closed_loop)
     sim = Simulator(scenario.requests, scenario.cost, scenario.acceptance, scenario.config, seed=seed)
     policy = trace_action_policy(trace)
     batch, acc, ms = [], [], []
@@ -135,12 +138,14 @@ def replay_fidelity(trace: Trace, *, seed: int = 0, scenario: Scenario | None = 
         ms.append(out.step_ms)
     real_ms = trace.steps["step_ms"]
     sim_ms = np.asarray(ms)
-    out: dict = {"trace": str(trace.path), "steps_trace": int(len(real_ms)), "steps_replay": int(len(sim_ms))}
+    out: dict = {"trace": str(trace.path), "steps_trace": int(len(real_ms)), "steps_replay": int(len(sim_ms)),
+                 "closed_loop_requests": scenario.requests.closed_loop}
     pairs = {
         "step_ms_mean": (float(np.mean(real_ms)), float(np.mean(sim_ms))),
         "step_ms_p50": (float(np.percentile(real_ms, 50)), float(np.percentile(sim_ms, 50))),
         "step_ms_p90": (float(np.percentile(real_ms, 90)), float(np.percentile(sim_ms, 90))),
         "step_ms_p99": (float(np.percentile(real_ms, 99)), float(np.percentile(sim_ms, 99))),
+        "batch_mean": (float(np.mean(trace.steps["batch_size"])), float(np.mean(batch))),
         "decode_tps": (_decode_rate(trace.steps["batch_size"], trace.steps["accepted_tokens"], real_ms),
                        _decode_rate(batch, acc, sim_ms)),
         "busy_s": (float(real_ms.sum() / 1000.0), float(sim_ms.sum() / 1000.0)),

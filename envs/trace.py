@@ -146,6 +146,7 @@ HEADER_FIELDS: dict[str, tuple[bool, Any]] = {
     "method": (False, _string),
     "max_num_seqs": (False, _int_ge(1)),
     "notes": (False, _string),
+    "client": (False, _one_of("open", "closed")),  # extension: how the load was sent (closed: N in flight)
 }
 
 REQUEST_FIELDS: dict[str, tuple[bool, Any]] = {

@@ -76,7 +76,10 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     log(f"[{name}] {len(traces)} trace(s): fitting profiles")
-    scenario = Scenario.from_traces(traces, seed=args.seed)
+    scenario = Scenario.from_traces(traces, seed=args.seed, closed_loop=args.closed_loop)
+    if scenario.requests.closed_loop:
+        log(f"[{name}] closed loop: {scenario.requests.closed_loop} of {len(scenario.requests)} requests are sent "
+            f"when the one they waited for finishes")
     rep = scenario.cost.report
     log(f"[{name}] cost fit held-out MAPE {rep.get('mape_holdout', float('nan')):.2%} on {rep['n_steps']} steps; "
         f"acceptance p0 {scenario.acceptance.p[0]:.3f}")
@@ -159,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows per load scale")
     ap.add_argument("--table", default=None,
                     help="a user batch-size table to compare, vLLM list form, e.g. '[[1,16,4],[17,64,2],[65,256,0]]'")
+    ap.add_argument("--closed-loop", action="store_true",
+                    help="replay traces recorded from a closed-loop client (header \"client\": \"closed\", e.g. "
+                         "record-trace --concurrency) as that client: each request sent when the one it waited for "
+                         "finishes in the simulation, not at its recorded time")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     return ap

@@ -31,6 +31,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +101,17 @@ def draft_model_agree(draft_dir: str | os.PathLike, requests: Sequence[tuple[Seq
 _SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 
-def annotate_trace(path: str | os.PathLike, agree: Mapping[str, Sequence[int]]) -> int:
+def annotate_trace(path: str | os.PathLike, agree: Mapping[str, Sequence[int]],
+                   header: Mapping[str, Any] | None = None) -> int:
     """Add ``agree`` to the request records of the trace at ``path`` whose id is a key of ``agree``
-    (vLLM's per-request suffix ``-xxxxxxxx`` is ignored when matching); the file is rewritten in
-    place (gzip kept).  Returns how many records got the field."""
+    (vLLM's per-request suffix ``-xxxxxxxx`` is ignored when matching), and ``header``'s fields to
+    its header; the file is rewritten in place (gzip kept).  Returns how many records got ``agree``."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = f.read().splitlines()
+    if header:
+        lines[0] = json.dumps({**json.loads(lines[0]), **header}, separators=(",", ":"))
     n = 0
     for i, line in enumerate(lines):
         if '"request"' not in line:

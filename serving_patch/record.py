@@ -159,7 +159,8 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
     close_llm(llm)
     del llm
     annotated = add_agreement(out, method=method, max_k=max_k, requests=reqs, tokens=res.tokens,
-                              draft_dir=pair.draft, max_model_len=spec.max_model_len, log=log)
+                              draft_dir=pair.draft, max_model_len=spec.max_model_len, log=log,
+                              header={"client": "closed" if concurrency else "open"})
     trace = load_trace(out)
     summary = {"out": str(out), "wall_s": round(time.perf_counter() - t0, 1),
                "requests": res.finished if concurrency else len(reqs),
@@ -173,9 +174,9 @@ def record(out: str | Path, *, method: str, max_k: int = 4, time_scale: float = 
 
 
 def add_agreement(out, *, method: str, max_k: int, requests: list, tokens: dict, draft_dir, max_model_len: int,
-                  log=print) -> int:
-    """Add each finished request's ``agree`` array (:mod:`serving_patch.agree`) to the trace ``out``;
-    returns how many request records got it."""
+                  log=print, header: dict | None = None) -> int:
+    """Add each finished request's ``agree`` array (:mod:`serving_patch.agree`) and ``header``'s
+    fields to the trace ``out``; returns how many request records got ``agree``."""
     from serving_patch.agree import annotate_trace, draft_model_agree, ngram_agree
 
     t0 = time.perf_counter()
@@ -185,7 +186,7 @@ def add_agreement(out, *, method: str, max_k: int, requests: list, tokens: dict,
         arrays = [ngram_agree(p, o, max_k, max_model_len=max_model_len) for _, p, o in done]
     else:
         arrays = draft_model_agree(draft_dir, [(p, o) for _, p, o in done], max_k)
-    n = annotate_trace(out, {rid: a for (rid, _, _), a in zip(done, arrays)})
+    n = annotate_trace(out, {rid: a for (rid, _, _), a in zip(done, arrays)}, header=header)
     log(f"draft agreement of {n} requests added to {out} ({time.perf_counter() - t0:.1f} s)")
     return n
 

@@ -1,14 +1,17 @@
 """The continuous-batching simulator: conservation, determinism, limits and replay fidelity."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from envs.profiles import PROFILES, AcceptanceProfile, RooflineCost, held_walks
-from envs.simulator import EngineConfig, RequestArrays, Simulator, _flatten_agree
+from envs.simulator import EngineConfig, RequestArrays, Simulator, _flatten_agree, closed_loop_links
 from envs.synth import replay_fidelity, trace_action_policy
 from envs.trace import load_trace
 
 PRE = PROFILES["h100-llama3-8b-eagle"]
+TRACES = Path(__file__).resolve().parents[2] / "traces"
 
 
 def _requests(n=200, rate=20.0, seed=0):
@@ -273,3 +276,94 @@ def test_peek_held_counts_holding_k_not_this_steps_draw():
     drawn = sim.peek(2)[0] - min(2, agree[1]) - min(2, 4)
     assert sim.peek_held(2) == pytest.approx(2 * (a0 + a1) / (s0 + s1) + drawn)
     assert drawn == 2  # p ~ 1: the request without agree accepts both
+
+
+# ---------------------------------------------------------------- closed-loop clients
+def _closed(n=60, c=4, gap=0.002, seed=0):
+    """A client keeping ``c`` requests in flight: the first ``c`` at t = 0, request i (i >= c) sent
+    ``gap`` after request i - c finished; the recorded arrivals are placeholders (0.1 s apart)."""
+    rng = np.random.default_rng(seed)
+    after = np.where(np.arange(n) >= c, np.arange(n) - c, -1)
+    arrival = np.where(after < 0, 0.0, 0.1 * np.arange(n))
+    return RequestArrays(arrival, rng.integers(10, 200, n), rng.integers(20, 200, n), None, after,
+                         np.where(after < 0, 0.0, gap))
+
+
+def test_closed_loop_keeps_c_in_flight_and_sends_on_each_finish():
+    reqs = _closed(c=4)
+    sim = _sim(reqs, max_num_seqs=16)
+    while (s := sim.prepare()) is not None:
+        assert s.running + s.waiting <= 4
+        sim.execute(2, 1)
+    st = sim.stats()
+    assert st.completed == len(reqs)
+    linked = reqs.after >= 0
+    # each request was sent exactly gap_s after the one it waited for finished, in the simulation
+    np.testing.assert_allclose(sim.arrival_s[linked], sim.finish_s[reqs.after[linked]] + 0.002)
+    assert np.all(sim.finish_s > sim.arrival_s)
+    # latency counts from the simulated send, not the placeholder timestamps
+    np.testing.assert_allclose(st.latencies_s, sim.finish_s - sim.arrival_s)
+
+
+def test_closed_loop_runs_as_fast_as_the_engine_open_loop_at_the_recorded_pace():
+    """Record a closed-loop client at k = 0, then replay: open loop (its recorded send times) k = 4
+    cannot finish much sooner than the recording, whatever it saves per request; as the client,
+    k = 4 (faster at light load) gets the same work done much sooner."""
+    closed = _closed(c=2)
+    rec = _sim(closed, max_num_seqs=16)
+    s0 = rec.run(lambda s: (0, 1)).sim_time_s
+    recorded = RequestArrays(rec.arrival_s, closed.prompt_tokens, closed.output_tokens)
+    s_open = _sim(recorded, max_num_seqs=16).run(lambda s: (4, 1)).sim_time_s
+    s_closed = _sim(closed, max_num_seqs=16).run(lambda s: (4, 1)).sim_time_s
+    assert s_open > 0.9 * s0
+    assert s_closed < 0.8 * s0
+
+
+def test_closed_loop_links_survive_sort_window_and_concat():
+    reqs = _closed(n=12, c=3)
+    # unsorted input: links follow their requests (given order: request 0 waits on 1, 2 on 0)
+    shuffled = RequestArrays([1.0, 0.0, 2.0], [7, 8, 9], [5, 5, 5], None, [1, -1, 0], [0.1, 0.0, 0.2])
+    assert shuffled.prompt_tokens.tolist() == [8, 7, 9] and shuffled.after.tolist() == [-1, 0, 1]
+    assert shuffled.gap_s.tolist() == [0.0, 0.1, 0.2]
+    # a window keeps links inside it; a request whose releaser fell outside arrives at its recorded time
+    w = reqs.window(0.35, 0.5)  # requests 4..8 (arrivals 0.4 .. 0.8)
+    assert len(w) == 5 and w.after.tolist() == [-1, -1, -1, 0, 1]
+    # concat shifts the links with their part
+    both = RequestArrays.concat([reqs, reqs])
+    assert both.closed_loop == 2 * reqs.closed_loop
+    np.testing.assert_array_equal(both.after[12:], np.where(reqs.after >= 0, reqs.after + 12, -1))
+    with pytest.raises(ValueError, match="does not arrive before it"):
+        RequestArrays([0.0, 1.0], [5, 5], [5, 5], None, [1, -1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="after and gap_s go together"):
+        RequestArrays([0.0, 1.0], [5, 5], [5, 5], None, [-1, 0], None)
+
+
+def test_links_of_a_recorded_closed_loop_sweep():
+    t = load_trace(TRACES / "cpu-tiny-ngram.sweep-c12-32.jsonl.gz")
+    assert t.header["client"] == "closed"
+    a, f = t.requests["arrival_s"], t.requests["finish_s"]
+    after, gap = closed_loop_links(a, f)
+    linked = after >= 0
+    assert linked.sum() >= 0.97 * len(a)  # all but the first requests of a level
+    assert np.all(after[linked] < np.flatnonzero(linked))
+    np.testing.assert_allclose(gap[linked], a[linked] - f[after[linked]])
+    assert np.all((gap[linked] >= 0) & (gap[linked] <= 0.05))
+    # one finish releases one request, except the last finish of a level, which releases the next
+    # level (12, 16, 24, 32 in flight: the sweep starts a level once the previous one drained)
+    released = np.bincount(after[linked])
+    assert sorted(released[released > 1].tolist()) == [16, 24, 32]
+    assert RequestArrays.from_trace(t).closed_loop == linked.sum()  # the header turns it on
+    assert RequestArrays.from_trace(t, closed_loop=False).closed_loop == 0
+
+
+def test_replaying_a_closed_loop_sweep_as_its_client_keeps_its_batch():
+    """Open loop, the replay of a saturated closed-loop sweep drifts to another batch size (the
+    recorded pace is the recorded engine's, and with a step cost about proportional to the batch
+    any batch keeps up); as the client, the replay keeps the recorded concurrency."""
+    t = load_trace(TRACES / "cpu-tiny-ngram.sweep-c12-32.jsonl.gz")
+    closed = replay_fidelity(t, seed=0)
+    opened = replay_fidelity(t, seed=0, closed_loop=False)
+    assert closed["closed_loop_requests"] > 500 and opened["closed_loop_requests"] == 0
+    assert closed["batch_mean"]["rel_error"] < 0.05
+    assert opened["batch_mean"]["rel_error"] > 0.2
+    assert closed["steps_replay"] < 1.1 * closed["steps_trace"]

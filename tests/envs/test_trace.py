@@ -89,6 +89,7 @@ def test_missing_required_step_field(tmp_path, drop):
     ([{**HEADER, "source": "made-up"}], 1, "source", "'recorded'"),
     ([{**HEADER, "max_k": 0}], 1, "max_k", ">= 1"),
     ([{**HEADER, "widths": []}], 1, "widths", "non-empty"),
+    ([{**HEADER, "client": "closed-loop"}], 1, "client", "one of 'open', 'closed'"),
     ([HEADER, HEADER], 2, "type", "one header only"),
     ([HEADER, {**STEP, "type": "stepp"}], 2, "type", "one of 'header', 'request', 'step'"),
     ([HEADER, REQUEST, REQUEST], 3, "id", "unique"),

@@ -27,6 +27,10 @@ def test_annotate_adds_agree_to_the_matching_requests_only(tmp_path):
     assert annotate_trace(p, {"r0": [-1, 2, 1], "r1": [-1, 0, 0], "r2": [-1, 1]}) == 2
     t = load_trace(p)
     assert [None if a is None else a.tolist() for a in t.agree] == [[-1, 2, 1], None, [-1, 1]]
+    # header fields are merged in (record-trace stamps the client kind); the agree arrays stay
+    assert annotate_trace(p, {}, header={"client": "closed"}) == 0
+    t = load_trace(p)
+    assert t.header["client"] == "closed" and t.header["source"] == "recorded" and t.agree[0].tolist() == [-1, 2, 1]
 
 
 @needs_vllm
