@@ -124,6 +124,7 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
                                       for t in traces],
                            "seed": args.seed, "versions": _versions(), "train_config": config_dict(cfg),
                            "engine": scenario.config.__dict__ | {"widths": list(scenario.config.widths)},
+                           "closed_loop_requests": scenario.requests.closed_loop,
                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     artifact.evaluation = {"ratios": report["ratios"], "summary": report["summary"]}
     artifact.save(out / "policy.json")

@@ -45,3 +45,17 @@ def test_bad_inputs(tmp_path, capsys):
     assert main(["--trace", str(imported)]) == 2
     err = capsys.readouterr().err
     assert "spec-trace synth" in err and "no trace has both" in err
+
+
+def test_closed_loop_training_replays_the_sweep_as_its_client(tmp_path, capsys):
+    from pathlib import Path
+
+    sweep = Path(__file__).resolve().parents[2] / "traces" / "cpu-tiny-ngram.sweep-c12-32.jsonl.gz"
+    out = tmp_path / "out"
+    rc = main(["--trace", str(sweep), "--out", str(out), "--timesteps", "500", "--load-scales", "1",
+               "--eval-windows", "1", "--window-s", "20", "--no-progress", "--no-plots", "--closed-loop"])
+    assert rc == 0
+    assert "closed loop: 573 of 585 requests are sent when the one they waited for finishes" in capsys.readouterr().err
+    (group,) = [p for p in out.iterdir() if p.is_dir()]
+    art = PolicyArtifact.load(group / "policy.json")
+    assert art.provenance["closed_loop_requests"] == 573
