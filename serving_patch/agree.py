@@ -31,8 +31,8 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
