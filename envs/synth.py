@@ -86,9 +86,11 @@ def synthesise(requests: RequestArrays, preset: ProfilePreset, path: str | os.Pa
               "explore": explore, "seed": seed,
               "notes": notes or f"Synthetic speculation data under profile {preset.name}; arrivals and sizes from "
                                 f"the {AZURE_ATTRIBUTION}."}
+    if requests.closed_loop:  # a closed-loop client's requests arrive when the simulation sent them
+        header["client"] = "closed"
     with TraceWriter(path, max_k=preset.max_k, widths=list(preset.widths), source="synthetic", **header) as w:
-        for i in range(len(requests)):
-            rec = {"id": f"r{i}", "arrival_s": float(requests.arrival_s[i]),
+        for i in np.argsort(sim.arrival_s, kind="stable").tolist():
+            rec = {"id": f"r{i}", "arrival_s": float(sim.arrival_s[i]),
                    "prompt_tokens": int(requests.prompt_tokens[i]), "output_tokens": int(requests.output_tokens[i])}
             if math.isfinite(sim.finish_s[i]):
                 rec["finish_s"] = float(sim.finish_s[i])

@@ -39,3 +39,18 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "bad.jsonl:2: type: expected one of" in capsys.readouterr().err
     assert main(["synth", "--requests", str(bad), "--profile", "nope", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "--profile 'nope' is unknown" in capsys.readouterr().err
+
+
+def test_synth_from_a_closed_loop_sweep_sends_requests_when_the_simulation_did(tmp_path, capsys):
+    out = tmp_path / "closed.jsonl.gz"
+    sweep = "traces/cpu-tiny-ngram.sweep-c12-32.jsonl.gz"
+    assert main(["synth", "--requests", sweep, "--duration-s", "30", "--profile", "h100-llama3-8b-eagle",
+                 "--out", str(out)]) == 0
+    assert main(["validate", str(out)]) == 0
+    from envs.trace import load_trace
+
+    t = load_trace(out)
+    assert t.header["client"] == "closed"
+    # on the (much faster) H100 profile the client sends its next requests long before the CPU engine did
+    rec = load_trace(sweep).requests["arrival_s"]
+    assert t.requests["arrival_s"][-1] < 0.5 * rec[rec < 30].max()
