@@ -93,6 +93,12 @@ def closed_loop_links(arrival_s, finish_s, tol_s: float = CLOSED_LOOP_TOL_S) -> 
     return after, gap
 
 
+def _relink(after: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Closed-loop links ``after`` with each old request index ``j`` replaced by ``new[j]`` (-1
+    stays -1, and so does a link to a request ``new`` maps to -1)."""
+    return np.where(after >= 0, new[np.maximum(after, 0)], -1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine settings the simulator needs; the trace header supplies them where it has them."""
@@ -183,8 +189,7 @@ class RequestArrays:
             if self.after is not None:
                 new = np.empty(n, dtype=np.int64)
                 new[order] = np.arange(n)
-                a = self.after[order]
-                self.after, self.gap_s = np.where(a >= 0, new[np.maximum(a, 0)], -1), self.gap_s[order]
+                self.after, self.gap_s = _relink(self.after[order], new), self.gap_s[order]
         if self.after is not None and np.any(self.after >= np.arange(n)):
             i = int(np.flatnonzero(self.after >= np.arange(n))[0])
             raise ValueError(f"request {i} is released by request {self.after[i]}, which does not arrive before it")
@@ -252,8 +257,7 @@ class RequestArrays:
         if self.after is not None:  # links inside the window kept; a releaser outside it: open loop
             new = np.full(len(self), -1, dtype=np.int64)
             new[idx] = np.arange(len(idx))
-            a = self.after[idx]
-            after, gap = np.where(a >= 0, new[np.maximum(a, 0)], -1), self.gap_s[idx]
+            after, gap = _relink(self.after[idx], new), self.gap_s[idx]
         return RequestArrays(t[m] - start_s, self.prompt_tokens[m], self.output_tokens[m], agree, after, gap)
 
     @property
@@ -384,14 +388,14 @@ class Simulator:
         # closed-loop links: the open-loop requests (recorded arrival order), and who each finish releases
         n = len(requests)
         after = requests.after if requests.after is not None else np.full(n, -1, dtype=np.int64)
-        self._open = np.flatnonzero(after < 0)
+        open_ = np.flatnonzero(after < 0)
         linked = np.flatnonzero(after >= 0)
         linked = linked[np.argsort(after[linked], kind="stable")]
         self._released_by = np.zeros(n + 1, dtype=np.int64)  # CSR: _released[_released_by[j]:_released_by[j + 1]]
         np.cumsum(np.bincount(after[linked], minlength=n), out=self._released_by[1:])
         self._released = linked
-        self._open_r = self._open.tolist()
-        self._open_t = requests.arrival_s[self._open].tolist()
+        self._open_r = open_.tolist()
+        self._open_t = requests.arrival_s[open_].tolist()
         self.reset(seed)
 
     # ------------------------------------------------------------------ state
@@ -400,8 +404,8 @@ class Simulator:
         S = self.config.max_num_seqs
         n = len(self.requests)
         self.arrival_s = self.requests.arrival_s.copy()  # closed-loop requests: set when released
-        self.t = float(self.arrival_s[self._open[0]]) if len(self._open) else 0.0
-        self._next = 0                        # next open-loop request to arrive (index into _open)
+        self.t = self._open_t[0] if self._open_t else 0.0
+        self._next = 0                        # next open-loop request to arrive (index into _open_r)
         self._release_q: list[tuple[float, int]] = []  # (arrival, request) of released closed-loop requests
         self._queue: deque[int] = deque()
         self._slot_req = np.full(S, -1, dtype=np.int64)
