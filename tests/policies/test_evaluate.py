@@ -54,3 +54,31 @@ def test_one_pair_has_no_interval():
 def test_bad_input_names_the_problem(a, b, confidence, match):
     with pytest.raises(ValueError, match=match):
         paired_ratio(a, b, confidence=confidence)
+
+
+def test_margin_verdict_says_what_an_a_a_comparison_can_show():
+    from policies.evaluate import PairedRatio
+
+    def pr(low, high):
+        return PairedRatio((low * high) ** 0.5, low, high, 10, 0.95)
+
+    assert pr(0.99, 1.01).margin_verdict(0.02) == "equivalent within +-2%"
+    assert pr(0.99, 1.01).verdict == "tie"  # the plain verdict cannot say more than this
+    assert pr(0.985, 1.06).margin_verdict(0.02) == "not worse than -2%"
+    assert pr(1.01, 1.08).margin_verdict(0.02) == "not worse than -2%"  # above is not worse, too
+    assert pr(0.97, 1.01).margin_verdict(0.02) == "undecided at 2%"
+    assert pr(0.97, 1.01).margin_verdict(0.05) == "equivalent within +-5%"
+    assert pr(0.90, 0.97).margin_verdict(0.02) == "more than 2% below"
+    assert pr(0.979, 0.995).margin_verdict(0.02) == "undecided at 2%"
+    assert pr(0.981, 0.995).margin_verdict(0.02) == "equivalent within +-2%"  # below 1, within the margin
+    with pytest.raises(ValueError, match="margin"):
+        pr(0.9, 1.1).margin_verdict(0.0)
+
+
+def test_more_pairs_decide_an_a_a_comparison_at_a_margin():
+    # the same configuration twice, 4% noise per run: 4 pairs cannot bound the ratio at 2%, 40 can
+    rng = np.random.default_rng(3)
+    b = rng.uniform(90, 110, size=40)
+    a = b * np.exp(rng.normal(0, 0.04, size=40))
+    assert paired_ratio(a[:4], b[:4]).margin_verdict(0.02) == "undecided at 2%"
+    assert paired_ratio(a, b).margin_verdict(0.02) in ("equivalent within +-2%", "not worse than -2%")
