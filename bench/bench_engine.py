@@ -341,10 +341,10 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
         pooled = paired_ratio(lr, br)
         print(f"  all {len(res['confirm'])} levels pooled: learned / best {pooled}, {pooled.margin_verdict(margin)}")
     if res["confirm"]:
-        worse = [str(c) for c, r in verdicts if r.low < 1 - margin]
+        worse = [str(c) for c, r in verdicts if not r.not_worse(margin)]
         print(f"  learned not worse than the best of off & static k by more than {100 * margin:g}% at every level: "
               + ("yes" if not worse else f"not shown at {', '.join(worse)}")
-              + f"; above it at: {', '.join(str(c) for c, r in verdicts if r.low > 1) or 'none'}")
+              + f"; above it at: {', '.join(str(c) for c, r in verdicts if r.verdict == 'above') or 'none'}")
     print(f"{'latency':<8}" + "".join(f"{n:>12}" for n in names) + "  (mean request latency, s)")
     for c in levels:
         print(f"{c!s:<8}" + "".join(f"{rows[n][c][1]:>12.2f}" for n in names))

@@ -144,18 +144,22 @@ class PairedRatio:
             return "below"
         return "tie"
 
+    def not_worse(self, margin: float) -> bool:
+        """Whether the interval rules out ``a`` being more than ``margin`` below ``b`` (low >= 1 - margin)."""
+        if not 0 < margin < 1:
+            raise ValueError(f"margin must be in (0, 1), got {margin}")
+        return self.low >= 1 - margin
+
     def margin_verdict(self, margin: float) -> str:
         """Non-inferiority at ``margin`` (e.g. 0.02): can the interval rule out ``a`` being more than
         ``margin`` below ``b``?  What an A/A comparison (the same configuration twice) can show, where
         "above" never can: ``"not worse than -2%"`` when ``low >= 1 - margin`` (and, when also
         ``high <= 1 + margin``, ``"equivalent within +-2%"``); ``"more than 2% below"`` when
         ``high < 1 - margin``; else ``"undecided at 2%"`` (too much noise for that many pairs)."""
-        if not 0 < margin < 1:
-            raise ValueError(f"margin must be in (0, 1), got {margin}")
         pct = f"{100 * margin:g}%"
         if self.high < 1 - margin:
             return f"more than {pct} below"
-        if self.low < 1 - margin:
+        if not self.not_worse(margin):
             return f"undecided at {pct}"
         if self.high <= 1 + margin:
             return f"equivalent within +-{pct}"

@@ -71,6 +71,7 @@ def test_margin_verdict_says_what_an_a_a_comparison_can_show():
     assert pr(0.90, 0.97).margin_verdict(0.02) == "more than 2% below"
     assert pr(0.979, 0.995).margin_verdict(0.02) == "undecided at 2%"
     assert pr(0.981, 0.995).margin_verdict(0.02) == "equivalent within +-2%"  # below 1, within the margin
+    assert pr(0.98, 1.0).not_worse(0.02) and not pr(0.979, 1.0).not_worse(0.02)
     with pytest.raises(ValueError, match="margin"):
         pr(0.9, 1.1).margin_verdict(0.0)
 
