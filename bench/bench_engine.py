@@ -2,7 +2,8 @@
 
     python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32] [--waves 32 8]
                                  [--mixed 1 32]
-                                 [--policy DIR_OR_policy.json] [--max-tokens 64] [--min-requests 12]
+                                 [--policy DIR_OR_policy.json | --traces GLOB...] [--max-tokens 64]
+                                 [--min-requests 12]
                                  [--wave-requests 64] [--repeats 2] [--confirm ROUNDS [--confirm-pair]]
                                  [--margin 0.02]
 
@@ -36,8 +37,10 @@ tokens/s (output tokens / wall time) and mean request latency for:
 - ``vllm table``: vLLM's own ``num_speculative_tokens_per_batch_size`` (no plugin), with the
   learned policy's table (``train-controller``'s ``vllm_schedule.json``) pasted in;
 - ``learned``: the controller with the policy trained on the shipped recorded traces
-  (``embedded:policy.json``; trained here in ~20 s when ``--policy`` is not given, at load
-  scales 0.1-1 of the busiest recorded trace, i.e. the recorded x0.06-x0.6 range).
+  (``embedded:policy.json``; trained here in ~20 s when ``--policy`` is not given, replaying the
+  traces' requests at load x0.5, x1 and x2), or on ``--traces`` (e.g. recorded on this machine:
+  the shipped traces carry the step costs of the CPU they were recorded on, and the benchmark
+  says so when that is not this machine's).
 
 The speculative configurations run on one engine (the controller's source is switched with
 ``StepController.set_source``), so they differ in k only; level by level, each is measured
@@ -90,11 +93,56 @@ MIN_REQUESTS = 12  # requests per closed-loop level: max(MIN_REQUESTS, 3 x c); -
 WAVE_REQUESTS = 64  # requests per wave level (in waves of n, the last one smaller); --wave-requests
 
 
-def train_policy(method: str, out: Path) -> Path:
-    """A learned controller from the shipped recorded traces of ``method`` (quick settings)."""
-    traces = sorted(glob.glob(str(ROOT / "traces" / f"cpu-tiny-{method}.*.jsonl.gz")))
-    if not traces:
-        raise FileNotFoundError(f"no recorded traces traces/cpu-tiny-{method}.*.jsonl.gz; run record-trace first")
+def trace_header(path: str) -> dict:
+    """The first line (header) of a ``spec-trace/1`` file, plain or gzipped."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        head = json.loads(fh.readline() or "{}")
+    if head.get("type") != "header":
+        raise ValueError(f"{path}: line 1 is not a spec-trace header (type={head.get('type')!r})")
+    return head
+
+
+def traces_for(method: str, patterns: list[str] | None) -> list[str]:
+    """The recorded traces of ``method`` to train on: ``patterns`` (globs; each file's header says its
+    method) or, by default, the shipped ``traces/cpu-tiny-{method}.*.jsonl.gz``."""
+    if not patterns:
+        found = sorted(glob.glob(str(ROOT / "traces" / f"cpu-tiny-{method}.*.jsonl.gz")))
+        if not found:
+            raise FileNotFoundError(f"no recorded traces traces/cpu-tiny-{method}.*.jsonl.gz; run record-trace first")
+        return found
+    files = sorted({f for pat in patterns for f in glob.glob(pat)})
+    if not files:
+        raise FileNotFoundError(f"--traces {' '.join(patterns)}: no file matches")
+    mine = [f for f in files if trace_header(f).get("method") == method]
+    if not mine:
+        raise FileNotFoundError(f"--traces {' '.join(patterns)}: none of {len(files)} file(s) was recorded with "
+                                f"method {method!r}; record some with `record-trace --method {method} ...`")
+    return mine
+
+
+def hardware_note(traces: list[str]) -> str | None:
+    """A warning when the traces were recorded on other hardware than this machine's: their step costs
+    (what the policy learns the trade-off from) are another machine's."""
+    from serving_patch.engine_hook import _hardware
+
+    here = _hardware()
+    other = sorted({h for h in (trace_header(t).get("hardware") for t in traces) if h and h != here})
+    if not other:
+        return None
+    return (f"  note: the training traces were recorded on {', '.join(other)}, this machine is {here}: the policy "
+            f"learns another machine's step costs. Record traces here (`record-trace`) and pass --traces for a "
+            f"controller fitted to this machine.")
+
+
+def train_policy(method: str, out: Path, patterns: list[str] | None = None) -> Path:
+    """A learned controller from recorded traces of ``method`` (quick settings)."""
+    traces = traces_for(method, patterns)
+    note = hardware_note(traces)
+    if note:
+        print(note)
     # the scenario replays every recorded trace's requests in turn (x1 = as recorded: batch 1 to 32);
     # x0.5 and x2 around it
     cmd = [sys.executable, "-m", "policies.cli", "--trace", *traces, "--out", str(out), "--timesteps", "60000",
@@ -104,18 +152,19 @@ def train_policy(method: str, out: Path) -> Path:
     found = sorted(out.glob("*/policy.json"))
     if not found:
         raise RuntimeError(f"train-controller wrote no policy under {out}")
-    print(f"  trained a policy on {len(traces)} recorded {method} traces in {time.perf_counter() - t0:.0f} s")
+    names = ", ".join(os.path.relpath(t, ROOT) if t.startswith(str(ROOT)) else t for t in traces)
+    print(f"  trained a policy on {len(traces)} recorded {method} traces in {time.perf_counter() - t0:.0f} s ({names})")
     return found[0]
 
 
-def find_policy(arg: str | None, method: str, tmp: Path) -> Path:
+def find_policy(arg: str | None, method: str, tmp: Path, patterns: list[str] | None = None) -> Path:
     if arg:
         p = Path(arg)
         cands = [p] if p.is_file() else sorted(p.glob(f"*{method}*/policy.json"))
         if not cands:
             raise FileNotFoundError(f"no policy for {method} under {p}")
         return cands[0]
-    return train_policy(method, tmp / method)
+    return train_policy(method, tmp / method, patterns)
 
 
 @dataclass(frozen=True)
@@ -390,6 +439,10 @@ def main() -> int:
                     help="the non-inferiority margin the confirmation judges learned / best at (default 0.02: "
                          "not worse than 2%% below)")
     ap.add_argument("--policy", default=None, help="policy.json, or a train-controller output directory")
+    ap.add_argument("--traces", nargs="+", default=None, metavar="GLOB",
+                    help="train the learned policy on these recorded traces (each method takes the files its header "
+                         "names; default: the shipped traces/cpu-tiny-METHOD.*): e.g. traces recorded on this machine "
+                         "with record-trace, when the shipped ones come from other hardware")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
                     help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
@@ -406,6 +459,8 @@ def main() -> int:
         ap.error(f"--margin must be in (0, 1), e.g. 0.02, got {args.margin}")
     if args.confirm_pair and not args.confirm:
         ap.error("--confirm-pair needs --confirm ROUNDS")
+    if args.policy and args.traces:
+        ap.error("--policy and --traces exclude each other: --traces trains the policy that --policy would load")
     if len(args.mixed) == 1:
         ap.error(f"--mixed needs at least two concurrencies (the phases), got {args.mixed}")
     levels = [Level("closed", c) for c in args.concurrency] + [Level("waves", n) for n in args.waves]
@@ -438,7 +493,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            policy = find_policy(args.policy, method, Path(tmp))
+            policy = find_policy(args.policy, method, Path(tmp), args.traces)
             res = bench_method(method, levels, prompts, pair, policy, args.max_tokens, args.repeats,
                                args.confirm, waves, args.confirm_pair)
             report(method, levels, res, args.margin)
