@@ -102,3 +102,45 @@ def test_min_gain_refuses_a_ppo_export(drift):
                                    eval_every=10_000))
     with pytest.raises(ValueError, match="min_gain needs a Q-network"):
         export_artifact(res.model, SpecDecodeEnv(drift, window_s=5.0), min_gain=0.02)
+
+
+def test_relabel_pairs_each_states_acceptance_with_other_batch_sizes_costs(drift):
+    """A relabelled copy keeps the state's accepted tokens per sequence and every non-batch feature, moves
+    the batch entries to b' in [1, largest collected batch], scales KV use by b'/b, and its label for each
+    action is (1 + gain) x cost(b', k=0) / cost(b', action) under the scenario's cost model."""
+    from policies.train import _relabel
+
+    env = SpecDecodeEnv(drift, window_s=5.0)
+    spec, actions = env.feature_spec, env.actions.actions
+    valid = [i for i, ok in enumerate(env.action_masks()) if ok]
+    rng = np.random.default_rng(0)
+    n = 400
+    b = rng.integers(1, 24, size=n)
+    X = rng.random((n, env.observation_space.shape[0])).astype(np.float32)
+    X[:, 0] = b / spec.max_num_seqs
+    X[:, 3] = 0.01 * b
+    G = (rng.random((n, len(actions))) * 3).astype(np.float32)
+    X2, Y2, W2 = _relabel(X, G, drift.cost, actions, valid, spec, copies=3, rng=np.random.default_rng(1))
+    assert X2.shape == (3 * n, X.shape[1]) and Y2.shape == (3 * n, len(actions)) and W2.shape == (3 * n,)
+    src = np.repeat(np.arange(n), 3)
+    b2 = np.rint(X2[:, 0] * spec.max_num_seqs).astype(int)
+    assert b2.min() == 1 and b2.max() == b.max()          # uniform over the collected range, no extrapolation
+    assert len(np.unique(b2)) > 15
+    other = [j for j in range(X.shape[1]) if j not in (0, 1, 3)]
+    np.testing.assert_array_equal(X2[:, other], X[src][:, other])
+    np.testing.assert_allclose(X2[:, 3], np.clip(0.01 * b2, 0, 1), rtol=1e-5)
+    np.testing.assert_allclose(X2[:, 1], np.log1p(b2) / np.log1p(spec.max_num_seqs), rtol=1e-5)
+    for r in rng.choice(3 * n, 25, replace=False):
+        base = drift.cost.predict(int(b2[r]), 0, 1, 0, float(X2[r, 3]))
+        assert W2[r] == pytest.approx(base, rel=1e-5)
+        for i in valid:
+            k, w = actions[i]
+            want = (1 + G[src[r], i]) * base / drift.cost.predict(int(b2[r]), k, w, 0, float(X2[r, 3]))
+            assert Y2[r, i] == pytest.approx(want, rel=1e-5)
+        assert all(Y2[r, i] == 0 for i in range(len(actions)) if i not in valid)
+
+
+def test_relabel_config():
+    assert TrainConfig().relabel == 1
+    with pytest.raises(ValueError, match="relabel must be >= 0"):
+        TrainConfig(relabel=-1)
