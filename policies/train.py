@@ -14,9 +14,7 @@ Two families, selected by ``algo``:
   those labels on the shared features learns ``E[speed-up | features, action]``, whose argmax is the best per-step action a policy
   without hindsight can take -- the per-step oracle's choice minus its clairvoyance.
   States come from rollouts of goodput-greedy, then of the current network (DAgger-style
-  rounds), with ``explore`` random actions; each is also labelled at ``relabel`` other batch
-  sizes (:func:`_relabel`: the same requests' acceptance, the fitted cost there), since the
-  simulator visits large batches rarely and with few distinct requests.  Thousands of times more sample-efficient than
+  rounds), with ``explore`` random actions.  Thousands of times more sample-efficient than
   reward-only RL here, since one step labels all actions.  Its outputs are speed-ups over
   ``k = 0``, so the export pins off at exactly 1 (its label always is) and speculates only
   where the predicted speed-up is at least ``1 + min_gain`` (default 2%): off is the floor the
@@ -35,7 +33,6 @@ optional wall-clock budget.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,7 +83,6 @@ class TrainConfig:
     epochs: int = 8             # hindsight: passes over the collected data per round
     explore: float = 0.2        # hindsight: random actions in the behaviour policy
     min_gain: float | None = None  # hindsight: speculate only if predicted >= 1 + min_gain x off (None: 0.02)
-    relabel: int = 1            # hindsight: copies of each state labelled at another batch size (0 = none)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -102,8 +98,6 @@ class TrainConfig:
                              f"{self.algo!r}: leave it unset")
         if self.algo == "hindsight" and self.min_gain is None:
             self.min_gain = DEFAULT_MIN_GAIN
-        if self.relabel < 0:
-            raise ValueError(f"relabel must be >= 0, got {self.relabel}")
         if self.min_gain is not None and not 0 <= self.min_gain < 1:
             raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
 
@@ -209,56 +203,20 @@ def train(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _speedup_labels(env: SpecDecodeEnv, valid: list[int], cost) -> tuple[np.ndarray, float, np.ndarray] | None:
+def _speedup_labels(env: SpecDecodeEnv, valid: list[int], cost) -> tuple[np.ndarray, float] | None:
     """Every valid action's decode speed-up over k=0 at the prepared step (None when idle): its accepted
-    tokens as holding it would give (:meth:`Simulator.peek_held`) over the fitted step cost.  Also the
-    step time at k = 0 (the sample's weight) and each action's accepted tokens per sequence (for
-    :func:`_relabel`)."""
+    tokens as holding it would give (:meth:`Simulator.peek_held`) over the fitted step cost."""
     s = env._state
     if s.batch_size == 0:
         return None
     out = np.zeros(env.action_space.n, dtype=np.float32)
-    gain = np.zeros(env.action_space.n, dtype=np.float32)
     base_ms = cost.predict_one(s.batch_size, 0, 1, 0, s.kv_usage)
     base = s.batch_size / base_ms
     for i in valid:
         k, w = env.actions.actions[i]
         acc = env.sim.peek_held(k, w)
-        gain[i] = acc / s.batch_size
         out[i] = (s.batch_size + acc) / cost.predict_one(s.batch_size, k, w, 0, s.kv_usage) / base
-    return out, base_ms, gain
-
-
-def _relabel(X: np.ndarray, G: np.ndarray, cost, actions: list[tuple[int, int]], valid: list[int], spec,
-             copies: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each collected state labelled again at ``copies`` other batch sizes, drawn uniformly from 1 to the
-    largest batch collected: the same features but batch size ``b'`` and KV use scaled by ``b' / b``,
-    the same accepted tokens per sequence ``G``, the fitted step cost at ``b'``.
-
-    Acceptance is a property of the requests, not of how many run beside them, but the simulator visits
-    large batches rarely and with few distinct requests (a few hundred of the states at batch 16 on the
-    shipped ngram sweeps, against thousands at batch 1-4), so a Q-network fitted on the visited states
-    alone learns the large-batch choice from a handful of requests' acceptance.  Relabelled states pair
-    every request mix with every batch size's cost, and the network's batch dependence comes from the
-    cost fit, which sees every recorded step."""
-    b = np.rint(X[:, 0] * spec.max_num_seqs).astype(np.int64)
-    b_max = int(max(1, b.max()))
-    n = len(X) * copies
-    src = np.repeat(np.arange(len(X)), copies)
-    b2 = rng.integers(1, b_max + 1, size=n)
-    kv2 = np.clip(X[src, 3].astype(np.float64) * b2 / np.maximum(b[src], 1), 0.0, 1.0)
-    X2 = X[src].copy()
-    X2[:, 0] = np.minimum(1.0, b2 / spec.max_num_seqs)
-    X2[:, 1] = np.minimum(1.0, np.log1p(b2) / np.log1p(spec.max_num_seqs))
-    X2[:, 3] = kv2
-    zeros = np.zeros(n)
-    base_ms = cost.predict_many(b2, zeros, np.ones(n), zeros, kv2)
-    Y2 = np.zeros((n, G.shape[1]), dtype=np.float32)
-    for i in valid:
-        k, w = actions[i]
-        ms = cost.predict_many(b2, np.full(n, k), np.full(n, w), zeros, kv2)
-        Y2[:, i] = (1.0 + G[src, i]) * base_ms / ms
-    return X2, Y2, base_ms.astype(np.float32)
+    return out, base_ms
 
 
 def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng: np.random.Generator,
@@ -271,7 +229,7 @@ def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng:
                         reward=cfg.reward)
     valid = [i for i, ok in enumerate(env.action_masks()) if ok]
     pol = behaviour if behaviour is not None else GoodputGreedy()
-    X, Y, W, G = [], [], [], []
+    X, Y, W = [], [], []
     bar = tqdm(total=n_steps, desc=desc, unit="step", disable=not cfg.progress, leave=False)
     obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
     pol.reset(env)
@@ -282,7 +240,6 @@ def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng:
             X.append(obs.copy())
             Y.append(lab[0])
             W.append(lab[1])
-            G.append(lab[2])
             n += 1
             bar.update(1)
         a = int(valid[rng.integers(len(valid))]) if rng.random() < cfg.explore else pol.act(obs, env)
@@ -292,13 +249,7 @@ def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng:
             obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
             pol.reset(env)
     bar.close()
-    X, Y, W, G = (np.asarray(a, np.float32) for a in (X, Y, W, G))
-    if cfg.relabel and len(X):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the cost fit's range warning: b' stays within the collected batches
-            x2, y2, w2 = _relabel(X, G, scenario.cost, env.actions.actions, valid, env.feature_spec, cfg.relabel, rng)
-        X, Y, W = np.concatenate([X, x2]), np.concatenate([Y, y2]), np.concatenate([W, w2])
-    return X, Y, W
+    return np.asarray(X, np.float32), np.asarray(Y, np.float32), np.asarray(W, np.float32)
 
 
 def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
@@ -322,12 +273,10 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
     budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
     per_round = max(1, cfg.timesteps // cfg.rounds)
     X = Y = W = None
-    visited = 0
     best = (-np.inf, None)
     behaviour = None
     for rnd in range(cfg.rounds):
         x, y, w = _collect(scenario, cfg, per_round, behaviour, rng, (lo, val_lo), f"collect {rnd + 1}/{cfg.rounds}")
-        visited += per_round
         X = x if X is None else np.concatenate([X, x])
         Y = y if Y is None else np.concatenate([Y, y])
         W = w if W is None else np.concatenate([W, w])
@@ -348,7 +297,7 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
         art = export_artifact(model, env, min_gain=cfg.min_gain)
         behaviour = LearnedPolicy(art)
         v = _validate_goodput(scenario, cfg, art, (val_lo, hi))
-        result.curve.append({"timesteps": int(visited), "seconds": round(time.perf_counter() - start, 2),
+        result.curve.append({"timesteps": int(n), "seconds": round(time.perf_counter() - start, 2),
                              "val_return": v, "train_loss": float(loss.detach())})
         if v > best[0]:
             best = (v, {k: t.detach().clone() for k, t in model.policy.state_dict().items()})
@@ -358,7 +307,7 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
     if best[1] is not None:
         model.policy.load_state_dict(best[1])
     result.seconds = time.perf_counter() - start
-    result.timesteps = int(visited)
+    result.timesteps = int(len(X))
     return result
 
 
