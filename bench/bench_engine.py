@@ -221,7 +221,8 @@ def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
 
 
 def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1, confirm_rounds: int = 0, waves=None, confirm_pair: bool = False) -> dict:
+                 repeats: int = 1, confirm_rounds: int = 0, waves=None, confirm_pair: bool = False,
+                 calibrate: bool = False) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -255,8 +256,10 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     llm = make_llm(pair.target, pair.draft, EngineSpec(method=method, max_k=MAX_K, max_num_seqs=32),
                    controller="static:0", **kw)
     ctl = controllers()[-1]
+    ctl.set_calibrate(calibrate)  # learned's embedded source gets an OnlineCalibration, kept across its runs
     run_level(llm, WARM, prompts, 8, 0)
     overhead = {}
+    calib: dict[Level, dict] = {}  # learned's calibration after its last run at each level
     configs = [(name, f"static:{k}") for k, name in enumerate(STATICS)] + [("learned", f"embedded:{policy}")]
     configs.insert(1, (VLLM_PASS, "static:0"))  # k = 0 the way vLLM runs it (plain path and lazy drafter off)
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
@@ -279,6 +282,8 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                 acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves))
                 st = ctl.stats()
                 add_k(kmix, name, c, st)
+                if name == "learned" and "calibration" in st.get("source", {}):
+                    calib[c] = st["source"]["calibration"]
                 n = st["steps"]
                 tot = steps[name]
                 tot[0] += st["choose_us_per_step"] * n
@@ -314,7 +319,10 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                     ctl.reset_counters()
                     runs[name].append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves)[0])
                     if name == "learned":
-                        add_k(ckmix, name, c, ctl.stats())
+                        st = ctl.stats()
+                        add_k(ckmix, name, c, st)
+                        if "calibration" in st.get("source", {}):
+                            calib[c] = st["source"]["calibration"]
         drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs, "learned_k_steps": ckmix.get("learned", {}).get(c)}
 
@@ -341,13 +349,15 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
         close_llm(base)
         del base
     return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
-            "confirm": confirm, "k_steps": kmix}
+            "confirm": confirm, "k_steps": kmix, "calibration": calib}
 
 
 def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) -> None:
     rows = res["rows"]
     names = list(rows)
-    print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']} ==")
+    cal = res.get("calibration") or {}
+    print(f"\n== {method} (max_k={MAX_K}); vLLM table = learned schedule {res['table']}"
+          + ("; learned = the policy + online calibration (controller.online)" if cal else "") + " ==")
     print(f"{'tokens/s':<8}" + "".join(f"{n:>12}" for n in names) + f"{'learned/best':>14}  best of off & static k")
     for c in levels:
         best = max(STATICS, key=lambda n: rows[n][c][0])
@@ -358,6 +368,12 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
         print("learned's decode steps by the k they ran: " + "; ".join(
             f"{c} " + " ".join(f"k={k} {100 * n / max(sum(mix[c]), 1):.0f}%" for k, n in enumerate(mix[c]) if n)
             for c in levels if c in mix))
+    if cal:
+        last = cal[max(cal, key=lambda c: cal[c]["records"])]
+        print("learned's calibration (measured overrides of the policy's k, batch size: k, after its last run at "
+              "each level): " + "; ".join(f"{c} {cal[c]['overrides'] or 'none'}" for c in levels if c in cal)
+              + f"; exploration holds {last['explorations']}, {100 * last['explore_steps'] / max(last['records'], 1):.1f}%"
+              f" of its {last['records']} steps")
     if res["confirm"]:
         rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
         print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
@@ -443,6 +459,10 @@ def main() -> int:
                     help="train the learned policy on these recorded traces (each method takes the files its header "
                          "names; default: the shipped traces/cpu-tiny-METHOD.*): e.g. traces recorded on this machine "
                          "with record-trace, when the shipped ones come from other hardware")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="learned corrects its policy's table online from the engine's own steps "
+                         "(SPEC_CONTROLLER_CALIBRATE=1; controller.online); its measurements carry over between its "
+                         "runs, as they would in a long-running server")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
                     help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
@@ -495,7 +515,7 @@ def main() -> int:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp), args.traces)
             res = bench_method(method, levels, prompts, pair, policy, args.max_tokens, args.repeats,
-                               args.confirm, waves, args.confirm_pair)
+                               args.confirm, waves, args.confirm_pair, args.calibrate)
             report(method, levels, res, args.margin)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0

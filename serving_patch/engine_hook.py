@@ -168,6 +168,8 @@ class StepController:
         self._thread: threading.Thread | None = None
         self._orig_lookup = scheduler.dynamic_sd_lookup
         self.controlling = False
+        self.calibrate = cfg.calibrate
+        self._calibrations: dict[str, Any] = {}  # policy path -> its OnlineCalibration (kept across set_source)
 
         if cfg.controls_k:
             dp = getattr(vcfg.parallel_config, "data_parallel_size", 1)
@@ -187,7 +189,8 @@ class StepController:
                     try:
                         self.source = make_source(kind, arg, max_k=self.max_k, max_num_seqs=self.max_num_seqs,
                                                   fallback_k=self.fallback_k, reload_s=cfg.reload_s,
-                                                  max_age_s=cfg.max_age_s, engine_id=cfg.engine_id)
+                                                  max_age_s=cfg.max_age_s, engine_id=cfg.engine_id,
+                                                  calibration=self._calibration_for(kind, arg))
                     except Exception as exc:  # noqa: BLE001 -- serve on the fallback, say why
                         self.poll_errors += 1
                         self.last_error = f"{kind} source: {exc}"
@@ -464,7 +467,8 @@ class StepController:
             raise ValueError(f"set_source takes embedded:, sidecar:, static: or table:, got {spec!r}")
         c = self.config
         new = make_source(kind, arg, max_k=self.max_k, max_num_seqs=self.max_num_seqs, fallback_k=self.fallback_k,
-                          reload_s=c.reload_s, max_age_s=c.max_age_s, engine_id=c.engine_id)
+                          reload_s=c.reload_s, max_age_s=c.max_age_s, engine_id=c.engine_id,
+                          calibration=self._calibration_for(kind, arg))
         old, self.source = self.source, new
         self._cycle = ()
         self._table, self._deadline, self._on_fallback, self.version = self._fallback, math.inf, True, "fallback"
@@ -474,6 +478,28 @@ class StepController:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="spec-controller-refresh", daemon=True)
             self._thread.start()
+
+    def _calibration_for(self, kind: str, arg: str):
+        """The online calibration of the embedded policy at ``arg`` (None: off or another source).
+
+        One per policy path, kept when the source is switched away and back: what the engine
+        measured with a policy still holds when that policy returns (benchmarks alternate sources).
+        """
+        if not self.calibrate or kind != "embedded" or self.max_k < 1:
+            return None
+        cal = self._calibrations.get(arg)
+        if cal is None:
+            from controller.online import OnlineCalibration
+
+            cal = OnlineCalibration(self.max_k, self.max_num_seqs)
+            self._calibrations[arg] = cal
+        else:
+            cal.resume()
+        return cal
+
+    def set_calibrate(self, on: bool) -> None:
+        """Turn online calibration on or off for embedded sources set from now on (``set_source``)."""
+        self.calibrate = bool(on)
 
     def set_explore(self, rate: float) -> None:
         if not 0 <= rate <= 1:

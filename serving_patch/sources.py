@@ -9,6 +9,8 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
   process with the shared feature function: the step records feed a
   :class:`controller.features.FeatureState`, and a poll that finds a new step or a changed
   queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).
+  With ``SPEC_CONTROLLER_CALIBRATE=1`` a :class:`controller.online.OnlineCalibration` fed the
+  same steps overrides that table where the engine's own measurements say another k is faster.
   The file is re-read when it changes (``train-controller`` replaces it atomically); a
   missing or corrupt file keeps the last good policy.
 - :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
@@ -27,6 +29,7 @@ from typing import Any
 
 from controller.artifact import Decision, PolicyArtifact
 from controller.features import FeatureState
+from controller.online import OnlineCalibration
 
 __all__ = ["DecisionSource", "EmbeddedSource", "EngineSnapshot", "SidecarSource", "StaticSource",
            "dense_table", "make_source"]
@@ -114,7 +117,8 @@ class EmbeddedSource(DecisionSource):
 
     name = "embedded"
 
-    def __init__(self, path: str | os.PathLike, reload_s: float = 2.0, clock=None):
+    def __init__(self, path: str | os.PathLike, reload_s: float = 2.0, clock=None,
+                 calibration: OnlineCalibration | None = None):
         import time
 
         self.path = Path(path)
@@ -129,6 +133,7 @@ class EmbeddedSource(DecisionSource):
         self.load_errors = 0
         self.loads = 0
         self.last_error: str | None = None
+        self.calibration = calibration  # measured overrides of the policy's table (controller.online)
         self._maybe_reload(force=True)
 
     def _maybe_reload(self, force: bool = False) -> None:
@@ -173,10 +178,13 @@ class EmbeddedSource(DecisionSource):
         steps = self._steps
         state = self.state
         folded = bool(steps)
+        cal = self.calibration
         while steps:
             r = steps.popleft()
             if state is not None:
                 state.update(r["batch_size"], r["k"], r["width"], r["drafts"], r["accepted_per_pos"], r["step_ms"])
+            if cal is not None:
+                cal.observe(r)
         if self.artifact is None or state is None:
             return None
         # KV use moves at every schedule and is read again at the next step: a new step or a
@@ -185,11 +193,21 @@ class EmbeddedSource(DecisionSource):
         if not folded and key == self._decided_for:
             return None  # nothing new since the last decision: it stands
         self._decided_for = key
-        return self.artifact.decision(state, snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
+        d = self.artifact.decision(state, snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
+        if cal is None:
+            return d
+        prior = tuple([k for k, _w in d.table])
+        ks = cal.table(prior)
+        if ks is prior:
+            return d
+        return Decision(tuple([(k, 1) for k in ks]), d.version + "+calibrated")
 
     def stats(self) -> dict[str, Any]:
-        return {"path": str(self.path), "loads": self.loads, "load_errors": self.load_errors,
-                "version": self.artifact.version if self.artifact else None, "last_error": self.last_error}
+        out = {"path": str(self.path), "loads": self.loads, "load_errors": self.load_errors,
+               "version": self.artifact.version if self.artifact else None, "last_error": self.last_error}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.stats()
+        return out
 
 
 class SidecarSource(DecisionSource):
@@ -228,12 +246,13 @@ class SidecarSource(DecisionSource):
 
 
 def make_source(kind: str, arg: str, *, max_k: int, max_num_seqs: int, fallback_k: int, reload_s: float,
-                max_age_s: float, engine_id: str) -> DecisionSource:
-    """The source named by ``SPEC_CONTROLLER`` (see :mod:`serving_patch.config`)."""
+                max_age_s: float, engine_id: str, calibration: OnlineCalibration | None = None) -> DecisionSource:
+    """The source named by ``SPEC_CONTROLLER`` (see :mod:`serving_patch.config`); ``calibration``
+    (the embedded policy only) overrides its table where the engine's own steps measure better."""
     from serving_patch.config import parse_table
 
     if kind == "embedded":
-        return EmbeddedSource(arg, reload_s=reload_s)
+        return EmbeddedSource(arg, reload_s=reload_s, calibration=calibration)
     if kind == "sidecar":
         return SidecarSource(arg, engine_id=engine_id, max_k=max_k, fallback_k=fallback_k,
                              max_num_seqs=max_num_seqs, max_age_s=max_age_s)

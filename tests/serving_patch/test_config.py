@@ -42,6 +42,7 @@ def test_recorder_alone_enables_the_hook():
     ({"SPEC_CONTROLLER_FALLBACK_K": "-1"}, "SPEC_CONTROLLER_FALLBACK_K must be >= 0"),
     ({"SPEC_CONTROLLER_REFRESH_S": "5", "SPEC_CONTROLLER_MAX_AGE_S": "1"}, "REFRESH_S <= SPEC_CONTROLLER_MAX_AGE_S"),
     ({"SPEC_CONTROLLER_LAZY_DRAFTER": "maybe"}, "SPEC_CONTROLLER_LAZY_DRAFTER must be 1 or 0"),
+    ({"SPEC_CONTROLLER_CALIBRATE": "auto"}, "SPEC_CONTROLLER_CALIBRATE must be 1 or 0"),
     ({"SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": "-5"}, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS must be >= 0"),
 ])
 def test_bad_settings_name_the_variable(env, fragment):

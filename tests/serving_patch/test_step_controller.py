@@ -366,3 +366,42 @@ def test_a_repeated_table_after_expiry_is_served_again_not_the_fallback():
         assert ctl.refresh_now() and sched.dynamic_sd_lookup[2] == 3 and ctl.version == "again"
     finally:
         ctl.close()
+
+
+def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survives_a_source_switch(tmp_path):
+    from tests.controller.test_online import LaggedEngine, cost_k1_best
+
+    path = str(policy(tmp_path, k_by_bias=3))
+    ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_CALIBRATE": "1", "SPEC_CONTROLLER_REFRESH_S": "20"})
+    try:
+        cal = ctl.source.calibration
+        assert cal is not None
+        assert ctl.choose(4) == 3  # the policy's k until the engine's steps say otherwise
+        eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.6, seed=7)
+        for _ in range(1500):
+            ctl.source.on_step(eng.step(4, ctl.choose(4)))
+            ctl.refresh_now()
+        assert ctl.choose(4) == 1 and ctl.choose(5) == 3  # measured at batch 4 only
+        assert ctl.version.endswith("+calibrated")
+        assert ctl.stats()["source"]["calibration"]["overrides"] == {4: 1}
+        ctl.set_source("static:2")
+        assert ctl.choose(4) == 2
+        ctl.set_source(f"embedded:{path}")
+        assert ctl.source.calibration is cal and ctl.choose(4) == 1  # what it measured still holds
+        ctl.set_calibrate(False)
+        ctl.set_source(f"embedded:{path}")
+        assert ctl.source.calibration is None and ctl.choose(4) == 3
+    finally:
+        ctl.close()
+
+
+def test_calibration_is_off_by_default_and_only_for_the_embedded_policy(tmp_path):
+    path = str(policy(tmp_path, k_by_bias=3))
+    ctl, _ = make({"SPEC_CONTROLLER": path})
+    assert ctl.source.calibration is None
+    ctl.close()
+    ctl, _ = make({"SPEC_CONTROLLER": "static:2", "SPEC_CONTROLLER_CALIBRATE": "1"})
+    assert not hasattr(ctl.source, "calibration") and ctl.choose(4) == 2
+    ctl.set_source(f"embedded:{path}")
+    assert ctl.source.calibration is not None
+    ctl.close()

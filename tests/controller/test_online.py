@@ -1,0 +1,150 @@
+"""OnlineCalibration against a simulated engine with vLLM's one-step verification lag."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from controller.online import OnlineCalibration
+
+
+class LaggedEngine:
+    """Steps at batch size ``b``: each verifies the drafts chosen one step earlier and drafts with
+    the k chosen now, as vLLM does; step time = verify(b, k_verified) + draft(b, k_drafted), +-noise.
+    Acceptance: position i accepted with probability alpha if all before it were."""
+
+    def __init__(self, verify, draft, alpha=0.6, noise=0.05, seed=0):
+        self.verify, self.draft, self.alpha, self.noise = verify, draft, alpha, noise
+        self.rng = random.Random(seed)
+        self.k_prev = 0
+
+    def step(self, b: int, k: int, prefill: int = 0) -> dict:
+        kv, self.k_prev = self.k_prev, k
+        per_pos = [0] * kv
+        for _ in range(b):
+            for i in range(kv):
+                if self.rng.random() >= self.alpha:
+                    break
+                per_pos[i] += 1
+        ms = (self.verify(b, kv) + self.draft(b, k)) * (1 + self.rng.gauss(0, self.noise))
+        if prefill:
+            ms += 40.0
+        return {"batch_size": b, "k": kv, "width": 1, "prefill_tokens": prefill, "drafts": b if kv else 0,
+                "accepted_per_pos": per_pos, "step_ms": ms}
+
+
+def run(cal: OnlineCalibration, eng: LaggedEngine, prior, steps: int, batch=lambda i: 4, prefill_every=0):
+    table = cal.table(prior)
+    ks = []
+    for i in range(steps):
+        b = batch(i)
+        k = table[b]
+        ks.append(k)
+        cal.observe(eng.step(b, k, prefill=1 if prefill_every and i % prefill_every == 0 else 0))
+        table = cal.table(prior)  # the refresher: after a step lands, a new table for the next one
+    return table, ks
+
+
+def expected_rate(eng, b, k):
+    acc = sum(eng.alpha ** i for i in range(1, k + 1))
+    return b * (1 + acc) / (eng.verify(b, k) + eng.draft(b, k))
+
+
+def cost_k1_best(b, k):
+    # verification grows steeply with k at this batch size: k = 1 best, then 2, 0, 3, 4
+    return 20.0 + 2.0 * b + [0.0, 4.0, 12.0, 19.0, 27.0][k]
+
+
+def test_overrides_the_policy_where_another_k_measures_faster():
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.6, seed=1)
+    rates = {k: expected_rate(eng, 4, k) for k in range(5)}
+    assert max(rates, key=rates.get) == 1 and rates[1] / rates[3] > 1.04  # the setting the test is about
+    cal = OnlineCalibration(max_k=4, max_num_seqs=8)
+    prior = (0,) + (3,) * 8
+    table, ks = run(cal, eng, prior, 1500)
+    assert table[4] == 1  # hill-climbed 3 -> 2 -> 1, and held there
+    assert table[5] == 3 and table[1] == 3  # batch sizes never run keep the policy's k
+    assert cal.stats()["overrides"] == {4: 1}
+    assert ks[-300:].count(1) / 300 > 0.9  # exploration settles once decided
+    assert cal.accept(0) == 0.0 and abs(cal.accept(1) - 0.6) < 0.05
+
+
+def test_keeps_the_policy_where_it_is_right_and_stops_exploring():
+    eng = LaggedEngine(lambda b, k: 20.0 + 2.0 * b + [0.0, 3.0, 6.0, 9.0, 15.0][k], lambda b, k: 0.0, seed=2)
+    rates = {k: expected_rate(eng, 4, k) for k in range(5)}
+    assert max(rates, key=rates.get) == 3
+    cal = OnlineCalibration(max_k=4, max_num_seqs=8)
+    prior = (0,) + (3,) * 8
+    table, ks = run(cal, eng, prior, 2000)
+    assert table == prior and cal.stats()["overrides"] == {}
+    explored_late = sum(k != 3 for k in ks[-1000:])
+    assert explored_late <= 20  # the neighbours were measured, found slower; no more holds
+    assert cal.explorations >= 2  # both neighbours (2 and 4) were tried
+
+
+def test_noise_alone_does_not_move_the_table():
+    # k = 2 1% slower than the policy's k = 3: within a few standard errors of a dozen noisy steps,
+    # so the override (gain beyond z standard errors and the margin) must mostly leave k = 3
+    base3 = 48.0 * (1 + 0.6 + 0.36 + 0.216) / (1 + 0.6 + 0.36)
+
+    def verify(b, k):
+        return {0: 30.0, 1: 40.0, 2: 48.0 * 1.01, 3: base3, 4: 80.0}[k]
+
+    switched, off_prior = 0, 0.0
+    for seed in range(8):
+        eng = LaggedEngine(verify, lambda b, k: 0.0, seed=seed)
+        cal = OnlineCalibration(max_k=4, max_num_seqs=8)
+        table, ks = run(cal, eng, (0,) + (3,) * 8, 3000)
+        switched += table[4] != 3
+        off_prior += sum(k != 3 for k in ks[-1500:]) / 1500 / 8
+    assert switched <= 1 and off_prior < 0.05, (switched, off_prior)
+
+
+def test_steps_with_prefill_and_steps_between_two_ks_are_not_timed():
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, noise=0.0, seed=3)
+    cal = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9)  # no exploration
+    run(cal, eng, (0,) + (3,) * 8, 200, prefill_every=3)
+    assert cal.mean[4][3] == pytest.approx(cost_k1_best(4, 3))  # the +40 ms prefill steps never counted
+    # a switch: the step that verifies k = 3 but drafts k = 1 is not a clean k = 3 (or k = 1) step
+    cal2 = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9)
+    eng2 = LaggedEngine(lambda b, k: 10.0 * (k + 1), lambda b, k: 100.0 * k, noise=0.0)
+    for k in [3, 3, 3, 1, 1, 1]:
+        cal2.observe(eng2.step(4, k))
+    assert cal2.mean[4][3] == pytest.approx(340.0) and cal2.n[4][3] == 2
+    assert cal2.mean[4][1] == pytest.approx(120.0) and cal2.n[4][1] == 1  # the last one waits for its successor
+
+
+def test_acceptance_comes_from_the_steps_that_ran_each_k_with_a_shrinking_standard_error():
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.5, seed=4)
+    cal = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9, accept_decay=1.0)
+    ses = []
+    for i in range(3000):
+        cal.observe(eng.step(8, 4))
+        if i in (299, 2999):
+            ses.append(cal.accept_se(4))
+    assert cal.accept(4) == pytest.approx(sum(0.5 ** i for i in range(1, 5)), abs=0.03)
+    # a longer k's steps say nothing about a shorter one (held acceptance differs: controller.online)
+    assert cal.accept(2) is None and cal.accept_se(2) == float("inf")
+    assert ses[1] == pytest.approx(ses[0] / 10 ** 0.5, rel=0.15)  # 10x the steps: ~1/sqrt(10) the error
+    per_request_sd = ses[1] * (3000 * 8) ** 0.5
+    assert 0.7 < per_request_sd < 1.2  # accepted of 4 drafts at alpha 0.5: sd ~0.96
+
+
+def test_rarely_seen_batch_sizes_are_not_explored():
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, seed=5)
+    cal = OnlineCalibration(max_k=4, max_num_seqs=32, min_seen=24)
+    prior = (0,) + (3,) * 32
+    # a steady batch of 4, and every 50th step a batch of 20: seen too rarely to spend steps on
+    table, ks = run(cal, eng, prior, 1000, batch=lambda i: 20 if i % 50 == 0 else 4)
+    assert cal.seen[20] == 20 and table[20] == 3
+    assert all(ks[i] == 3 for i in range(0, 1000, 50))
+
+
+def test_bad_parameters_name_the_constraint():
+    with pytest.raises(ValueError, match="max_k >= 1"):
+        OnlineCalibration(max_k=0, max_num_seqs=8)
+    with pytest.raises(ValueError, match="hold >= 2"):
+        OnlineCalibration(max_k=2, max_num_seqs=8, hold=1)
+    with pytest.raises(ValueError, match="accept_decay"):
+        OnlineCalibration(max_k=2, max_num_seqs=8, accept_decay=0.0)
