@@ -273,6 +273,10 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
         got = into.setdefault(name, {}).setdefault(c, [0] * (MAX_K + 1))
         for k, n in enumerate(st["k_steps"]):
             got[k] += n
+
+    def keep_calibration(c, st):
+        if "calibration" in st.get("source", {}):
+            calib[c] = st["source"]["calibration"]
     for c in levels:
         for rep in range(repeats):
             for name, src in (configs if rep % 2 == 0 else configs[::-1]):
@@ -282,8 +286,8 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                 acc[name].setdefault(c, []).append(run_level(llm, c, prompts, max_tokens, offset=c.n, waves=waves))
                 st = ctl.stats()
                 add_k(kmix, name, c, st)
-                if name == "learned" and "calibration" in st.get("source", {}):
-                    calib[c] = st["source"]["calibration"]
+                if name == "learned":
+                    keep_calibration(c, st)
                 n = st["steps"]
                 tot = steps[name]
                 tot[0] += st["choose_us_per_step"] * n
@@ -321,8 +325,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                     if name == "learned":
                         st = ctl.stats()
                         add_k(ckmix, name, c, st)
-                        if "calibration" in st.get("source", {}):
-                            calib[c] = st["source"]["calibration"]
+                        keep_calibration(c, st)
         drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs, "learned_k_steps": ckmix.get("learned", {}).get(c)}
 
