@@ -9,9 +9,17 @@ size the engine actually runs, the decode rate of the k's next to the policy's c
 overrides the policy's k wherever the measurements say, with confidence, that another k is
 faster.  Elsewhere the policy's table passes through unchanged.
 
-Per batch size ``b`` and k it keeps the mean step time of *clean* steps (no prefill tokens in
-the step, and drafted and verified at the same k: vLLM verifies at step n+1 the drafts made at
-the end of step n, so a step is clean when the next step's record has its k).  Acceptance
+Batch sizes close together share their measurements and their decision: sizes 1..7 stand
+alone, larger ones fall into buckets about 25% wide (8-9, 10-12, 13-15, 16-19, 20-23, 24-29,
+30-37, ...; :func:`bucket_of`).  A closed loop at concurrency 32 wanders over 26..32 as requests
+finish and start; measured and explored one size at a time that is seven hill climbs, each
+taking its own exploration steps, where two will do.  Per bucket and k it keeps the *clean*
+steps (no prefill tokens in the step, and drafted and verified at the same k: vLLM verifies at
+step n+1 the drafts made at the end of step n, so a step is clean when the next step's record
+has its k), weighted to forget past ``cap`` steps, and fits them as ``T = alpha_k + beta * b``
+with one slope per bucket, so that k's run at different mixes of the bucket's sizes are
+compared at the same batch size (``b / T`` grows with b: raw means would favour whichever k
+happened to run at the larger sizes).  Acceptance
 ``a(k)`` (mean accepted tokens per decoding request and step) is pooled over batch sizes, with
 exponential forgetting, and comes only from steps that *ran* k.  Reading a shorter k's
 acceptance off a longer k's steps (the first j entries of ``accepted_per_pos``) looks exact for
@@ -26,13 +34,15 @@ Each rate carries a standard error (step time's and acceptance's); at batch 1 ac
 dominates (a step accepts 0..k tokens), so a few hundred steps there decide only gaps of 5% or
 more and the policy's k stands below that.
 
-Exploration: at a batch size seen at least ``min_seen`` times, the k's next to the current
-choice (and any measured k still within noise of it) are run in holds of ``hold`` steps, at
-most once every ``explore_every`` steps at that batch size, until each has ``min_steps``
-clean steps (contenders within noise: up to ``max_steps``).  A neighbour found faster becomes
-the choice and its own neighbours are explored next (hill climbing in k).  The override needs
-the measured gain to exceed ``z`` standard errors and ``margin``; anything less keeps the
-policy's k, so noise cannot make the table flap.
+Exploration: in a bucket seen at least ``min_seen`` times, the k's next to the current choice
+are run in holds of ``hold`` steps, at most once every ``explore_every`` steps there, until each
+has ``min_steps`` clean steps; measured k's still within noise of the choice are run again, up to
+``max_steps`` clean steps, at that pace while they measure faster and only every
+``refine_every`` steps while they measure slower (running a slightly slower k a third of the
+time costs more than the decision it would buy).  A neighbour found faster becomes the choice and
+its own neighbours are explored next (hill climbing in k).  The override needs the measured gain
+to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
+cannot make the table flap.
 
 All of it runs on the controller's background thread (a few microseconds per step); the step
 path still only indexes the table.
@@ -47,40 +57,68 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["OnlineCalibration"]
+__all__ = ["OnlineCalibration", "bucket_of"]
+
+
+def bucket_of(b: int, ratio: float = 1.25) -> int:
+    """The batch-size bucket that shares measurements and decisions: 1..7 alone, then ~25% wide
+    (8-9, 10-12, 13-15, 16-19, 20-23, 24-29, 30-37, ...).
+
+    >>> [bucket_of(b) for b in (1, 7, 8, 9, 16, 19, 30, 32)]
+    [1, 7, 8, 8, 11, 11, 14, 14]
+    """
+    if b <= 4:
+        return b
+    return 4 + math.ceil(math.log(b / 4) / math.log(ratio) - 1e-9)
 
 
 class OnlineCalibration:
-    """Measured decode rates per (batch size, k) that override a policy's table (module docstring)."""
+    """Measured decode rates per (batch-size bucket, k) that override a policy's table (module docstring)."""
 
     def __init__(self, max_k: int, max_num_seqs: int, *, min_seen: int = 24,
                  min_steps: int = 12, max_steps: int = 128, hold: int = 6, explore_every: int = 12,
-                 z: float = 2.0, margin: float = 0.005, cap: int = 256, accept_decay: float = 0.998):
+                 refine_every: int = 60, z: float = 2.0, margin: float = 0.005, cap: int = 256,
+                 accept_decay: float = 0.998):
         if max_k < 1 or max_num_seqs < 1:
             raise ValueError(f"need max_k >= 1 and max_num_seqs >= 1, got {max_k} and {max_num_seqs}")
         if not (1 <= min_steps <= max_steps <= cap) or hold < 2 or explore_every < 1 or min_seen < 1:
             raise ValueError("need 1 <= min_steps <= max_steps <= cap, hold >= 2 (one step of a hold verifies the "
                              "previous k), explore_every >= 1 and min_seen >= 1")
+        if refine_every < explore_every:
+            raise ValueError(f"refine_every ({refine_every}) must be >= explore_every ({explore_every}): "
+                             "a contender within noise is re-run more rarely than an untried neighbour")
         if not 0 < accept_decay <= 1:
             raise ValueError(f"accept_decay must be in (0, 1], got {accept_decay}")
         self.max_k, self.max_num_seqs = max_k, max_num_seqs
         self.min_seen, self.min_steps, self.max_steps, self.hold = min_seen, min_steps, max_steps, hold
-        self.explore_every, self.z, self.margin, self.cap, self.decay = explore_every, z, margin, cap, accept_decay
+        self.explore_every, self.refine_every = explore_every, refine_every
+        self.z, self.margin, self.cap, self.decay = z, margin, cap, accept_decay
         nb, nk = max_num_seqs + 1, max_k + 1
-        self.n = [[0] * nk for _ in range(nb)]        # clean steps per (b, k), capped at ``cap``
-        self.mean = [[0.0] * nk for _ in range(nb)]   # their mean step ms (a moving mean past the cap)
+        self.bucket = [bucket_of(b) if b else 0 for b in range(nb)]
+        self.nbuckets = self.bucket[-1] + 1
+        self.members: list[list[int]] = [[] for _ in range(self.nbuckets)]
+        for b in range(1, nb):
+            self.members[self.bucket[b]].append(b)
+        # per batch size: clean steps and their mean / variance of step ms (reported; capped moving mean)
+        self.n = [[0] * nk for _ in range(nb)]
+        self.mean = [[0.0] * nk for _ in range(nb)]
         self.var = [[0.0] * nk for _ in range(nb)]
-        self.seen = [0] * nb                          # steps at b, any k
-        self.since = [0] * nb                         # steps at b since the last exploration there
+        # per bucket and k, the decisions' evidence: clean steps (capped count) and exponentially
+        # weighted sums [w, w^2, b, T, b^2, bT, T^2] for a fit T = alpha_k + beta * b within the bucket
+        self.cn = [[0] * nk for _ in range(self.nbuckets)]
+        self.sums = [[[0.0] * 7 for _ in range(nk)] for _ in range(self.nbuckets)]
+        self._wdecay = 1.0 - 1.0 / cap
+        self.seen = [0] * self.nbuckets               # steps in the bucket, any k
+        self.since = [0] * self.nbuckets              # steps there since the last exploration
         # per k, decayed sums over the steps that ran it: steps, requests (b), b*x and b*x^2 with x
         # the step's accepted tokens per request
         self.acc = [[0.0, 0.0, 0.0, 0.0] for _ in range(nk)]
         self._pending: dict | None = None             # the last record: clean or not, the next one tells
-        self._explore: list | None = None             # [b, k, verifying steps left, steps left]
-        self._override: dict[int, int] = {}           # b -> k where measurements overrule the policy
+        self._explore: list | None = None             # [bucket, k, verifying steps left, steps left]
+        self._override: dict[int, int] = {}           # bucket -> k where measurements overrule the policy
         self._prior: tuple[int, ...] = ()
         self._dirty = True
-        self._touched: set[int] = set()               # batch sizes with new clean steps
+        self._touched: set[int] = set()               # buckets with new clean steps
         self._full_at = 0
         self.records = self.clean = self.explorations = self.explore_steps = 0
 
@@ -99,14 +137,15 @@ class OnlineCalibration:
         prev, self._pending = self._pending, rec
         if prev is not None and min(int(prev["k"]), self.max_k) == k:
             self._add_time(prev)
-        if 0 < b <= self.max_num_seqs:
-            self.seen[b] += 1
-            self.since[b] += 1
+        g = self.bucket[b] if 0 < b <= self.max_num_seqs else -1
+        if g > 0:
+            self.seen[g] += 1
+            self.since[g] += 1
         self._add_accept(b, k, rec.get("accepted_per_pos") or ())
         ex = self._explore
         if ex is not None:
             ex[3] -= 1
-            if b == ex[0] and k == ex[1]:
+            if g == ex[0] and k == ex[1]:
                 ex[2] -= 1
                 self.explore_steps += 1
             if ex[2] <= 0 or ex[3] <= 0:
@@ -119,7 +158,6 @@ class OnlineCalibration:
         if not 0 < b <= self.max_num_seqs or rec.get("prefill_tokens", 0) or not ms > 0:
             return
         self.clean += 1
-        self._touched.add(b)
         n = min(self.n[b][k] + 1, self.cap)
         self.n[b][k] = n
         m = self.mean[b][k]
@@ -127,6 +165,17 @@ class OnlineCalibration:
         m += d / n
         self.mean[b][k] = m
         self.var[b][k] += (d * (ms - m) - self.var[b][k]) / n
+        g = self.bucket[b]
+        self._touched.add(g)
+        self.cn[g][k] = min(self.cn[g][k] + 1, self.cap)
+        s, dec = self.sums[g][k], self._wdecay
+        s[0] = s[0] * dec + 1.0
+        s[1] = s[1] * dec * dec + 1.0
+        s[2] = s[2] * dec + b
+        s[3] = s[3] * dec + ms
+        s[4] = s[4] * dec + b * b
+        s[5] = s[5] * dec + b * ms
+        s[6] = s[6] * dec + ms * ms
 
     def _add_accept(self, b: int, k: int, per_pos) -> None:
         # forgetting per k, at that k's own steps: a k the engine runs rarely (explored) keeps
@@ -156,14 +205,50 @@ class OnlineCalibration:
         per_request_var = max(a[3] - m * m * a[1], 0.0) / a[0]  # E[b (x - m)^2] = var of one request
         return math.sqrt(per_request_var / a[1])
 
-    def rate(self, b: int, k: int) -> tuple[float, float] | None:
-        """(committed tokens per ms, its relative standard error) of k at batch size b, or None."""
-        n = self.n[b][k]
+    def _fit(self, g: int) -> tuple[float, float, float]:
+        """The bucket's common slope of step ms in b (its variance) and the reference batch size.
+
+        Within a bucket each k's clean steps are fitted as ``T = alpha_k + beta * b`` with one
+        ``beta`` (least squares within k): the k's are then compared at the same batch size even
+        when they ran at different mixes of the bucket's sizes."""
+        sxx = sxy = res = dof = w_all = b_all = 0.0
+        for s in self.sums[g]:
+            w = s[0]
+            if w <= 1.0:
+                continue
+            sxx += s[4] - s[2] * s[2] / w
+            sxy += s[5] - s[2] * s[3] / w
+            w_all += w
+            b_all += s[2]
+        if w_all <= 0:
+            return 0.0, 0.0, 0.0
+        beta = sxy / sxx if sxx > 1e-9 else 0.0
+        for s in self.sums[g]:
+            w = s[0]
+            if w <= 1.0:
+                continue
+            syy = s[6] - s[3] * s[3] / w
+            res += max(syy - 2 * beta * (s[5] - s[2] * s[3] / w) + beta * beta * (s[4] - s[2] * s[2] / w), 0.0)
+            dof += w - 1.0
+        var_beta = (res / max(dof - 1.0, 1.0)) / sxx if sxx > 1e-9 else 0.0
+        return beta, var_beta, b_all / w_all
+
+    def rate(self, g: int, k: int, fit: tuple[float, float, float] | None = None) -> tuple[float, float] | None:
+        """(committed tokens per ms, its relative standard error) of k in bucket g, at the bucket's
+        mean batch size, or None while k has fewer than ``min_steps`` clean steps there."""
         a = self.accept(k)
-        if n < self.min_steps or a is None:
+        if self.cn[g][k] < self.min_steps or a is None:
             return None
-        m = self.mean[b][k]
-        return b * (1.0 + a) / m, math.hypot(math.sqrt(max(self.var[b][k], 0.0) / n) / m, self.accept_se(k) / (1.0 + a))
+        beta, var_beta, bref = fit if fit is not None else self._fit(g)
+        w, w2, sb, sT, sbb, sbT, sTT = self.sums[g][k]
+        mb, mT = sb / w, sT / w
+        T = mT + beta * (bref - mb)
+        if not T > 0:
+            return None
+        # residual variance of this k's steps about the fit; the mean's from the weights' spread
+        rss = max((sTT - sT * mT) - 2 * beta * (sbT - sb * mT) + beta * beta * (sbb - sb * mb), 0.0)
+        var_T = rss / max(w - 1.0, 1.0) * (w2 / (w * w)) + (bref - mb) ** 2 * var_beta
+        return bref * (1.0 + a) / T, math.hypot(math.sqrt(var_T) / T, self.accept_se(k) / (1.0 + a))
 
     # ------------------------------------------------------------------ decisions
     def _beats(self, r1: tuple[float, float], r0: tuple[float, float]) -> bool:
@@ -171,95 +256,120 @@ class OnlineCalibration:
         gain = r1[0] / r0[0] - 1.0
         return gain > self.margin and gain > self.z * math.hypot(r1[1], r0[1])
 
-    def choose(self, b: int, prior_k: int) -> int:
-        """The calibrated k at batch size b: the fastest measured k that beats the policy's, else the policy's."""
-        base = self.rate(b, prior_k)
+    def choose(self, g: int, prior_k: int) -> int:
+        """The calibrated k in bucket g: the fastest measured k that beats the policy's, else the policy's."""
+        fit = self._fit(g)
+        base = self.rate(g, prior_k, fit)
         if base is None:
             return prior_k
         best, best_r = prior_k, base
         for k in range(self.max_k + 1):
             if k == prior_k:
                 continue
-            r = self.rate(b, k)
+            r = self.rate(g, k, fit)
             if r is not None and r[0] > best_r[0] and self._beats(r, base):
                 best, best_r = k, r
         return best
 
-    def _to_explore(self, b: int, cur: int) -> int | None:
-        """The k to explore next at b (fewest clean steps first), or None."""
-        if self.n[b][cur] < self.min_steps:
+    def _to_explore(self, g: int, cur: int) -> int | None:
+        """The k to explore next in bucket g (fewest clean steps first), or None.
+
+        Untried neighbours of the current k, and measured k's within noise of it that measure
+        faster so far, are due every ``explore_every`` steps; k's within noise that measure slower
+        only every ``refine_every`` (each hold costs little, but deciding a gap of a per cent
+        takes many holds, and those would otherwise take a third of the bucket's steps)."""
+        if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
-        base = self.rate(b, cur)
+        fit = self._fit(g)
+        base = self.rate(g, cur, fit)
         pick, pick_n = None, None
         for k in range(self.max_k + 1):
             if k == cur:
                 continue
-            n = self.n[b][k]
+            n = self.cn[g][k]
             if abs(k - cur) == 1 and n < self.min_steps:
                 want = True
             elif self.min_steps <= n < self.max_steps and base is not None:
-                r = self.rate(b, k)
-                want = r is not None and not self._beats(base, r) and not self._beats(r, base)  # within noise
+                r = self.rate(g, k, fit)
+                want = (r is not None and not self._beats(base, r) and not self._beats(r, base)  # within noise
+                        and (r[0] > base[0] or self.since[g] >= self.refine_every))
             else:
                 want = False
             if want and (pick_n is None or n < pick_n):
                 pick, pick_n = k, n
         return pick
 
+    def _prior_of(self, g: int, prior: tuple[int, ...]) -> int:
+        """The policy's k for bucket g: its k at the bucket's busiest batch size (by clean steps)."""
+        mem = [b for b in self.members[g] if b < len(prior)]
+        b = max(mem, key=lambda b: (sum(self.n[b]), b))
+        return min(prior[b], self.max_k)
+
     def table(self, prior) -> tuple[int, ...]:
         """The policy's k per batch size (``prior[b]``) with the measured overrides and any exploration."""
         prior = tuple(prior)
         if self._dirty or prior != self._prior:
-            # the batch sizes with new clean steps, all of them when the policy's table or (every 16
-            # records) the pooled acceptance moved: a few microseconds per step on the refresher
+            # the buckets with new clean steps, all of them when the policy's table or (every 16
+            # records) the pooled acceptance moved: tens of microseconds per step on the refresher
             full = prior != self._prior or self.records - self._full_at >= 16
             self._prior, self._dirty = prior, False
             hi = min(len(prior), self.max_num_seqs + 1)
-            todo = range(1, hi) if full else [b for b in self._touched if b < hi]
+            top = self.bucket[hi - 1] + 1 if hi > 1 else 1
+            todo = range(1, top) if full else [g for g in self._touched if g < top]
             if full:
                 self._full_at = self.records
             self._touched.clear()
             ov = self._override
-            for b in todo:
-                if self.seen[b] >= self.min_seen or any(self.n[b]):
-                    k = self.choose(b, min(prior[b], self.max_k))
-                    if k != prior[b]:
-                        ov[b] = k
+            for g in todo:
+                if self.seen[g] >= self.min_seen or any(self.cn[g]):
+                    p = self._prior_of(g, prior)
+                    k = self.choose(g, p)
+                    if k != p:
+                        ov[g] = k
                         continue
-                ov.pop(b, None)
+                ov.pop(g, None)
             if self._explore is None:
                 self._start_exploring(prior)
         if not self._override and self._explore is None:
             return prior
         out = list(prior)
-        for b, k in self._override.items():
-            if b < len(out):
-                out[b] = k
-        if self._explore is not None and self._explore[0] < len(out):
-            out[self._explore[0]] = self._explore[1]
+        n = len(out)
+        for g, k in self._override.items():
+            for b in self.members[g]:
+                if b < n:
+                    out[b] = k
+        if self._explore is not None:
+            for b in self.members[self._explore[0]]:
+                if b < n:
+                    out[b] = self._explore[1]
         return tuple(out)
 
     def _start_exploring(self, prior: tuple[int, ...]) -> None:
-        # the busiest batch size that is due: exploration goes where the engine spends its steps
-        cands = [b for b in range(1, min(len(prior), self.max_num_seqs + 1))
-                 if self.seen[b] >= self.min_seen and self.since[b] >= self.explore_every]
-        for b in sorted(cands, key=lambda b: -self.seen[b]):
-            cur = self._override.get(b, min(prior[b], self.max_k))
-            k = self._to_explore(b, cur)
+        # the busiest bucket that is due: exploration goes where the engine spends its steps
+        top = self.bucket[min(len(prior), self.max_num_seqs + 1) - 1] + 1 if len(prior) > 1 else 1
+        cands = [g for g in range(1, top) if self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
+        for g in sorted(cands, key=lambda g: -self.seen[g]):
+            cur = self._override.get(g, self._prior_of(g, prior))
+            k = self._to_explore(g, cur)
             if k is not None:
                 # hold + 1 verifying steps: the first verifies the previous k, the last drafts the next one
-                self._explore = [b, k, self.hold, 4 * self.hold]
+                self._explore = [g, k, self.hold, 4 * self.hold]
                 self.explorations += 1
                 return
 
     def stats(self) -> dict[str, Any]:
+        """Counters, the overrides (by batch size), acceptance per k and the measured rates per bucket
+        (keyed by the bucket's batch-size range, e.g. ``"30-37"``)."""
         measured = {}
-        for b in range(1, self.max_num_seqs + 1):
-            row = {k: round(r[0], 4) for k in range(self.max_k + 1) if (r := self.rate(b, k)) is not None}
+        for g in range(1, self.nbuckets):
+            fit = self._fit(g)
+            row = {k: round(r[0], 4) for k in range(self.max_k + 1) if (r := self.rate(g, k, fit)) is not None}
             if row:
-                measured[b] = row
+                mem = self.members[g]
+                measured[str(mem[0]) if len(mem) == 1 else f"{mem[0]}-{mem[-1]}"] = row
         return {"records": self.records, "clean_steps": self.clean, "explorations": self.explorations,
-                "explore_steps": self.explore_steps, "overrides": dict(self._override),
+                "explore_steps": self.explore_steps,
+                "overrides": {b: k for g, k in sorted(self._override.items()) for b in self.members[g]},
                 "accept": [None if (a := self.accept(k)) is None else round(a, 4) for k in range(self.max_k + 1)],
                 "accept_se": [round(se, 4) if math.isfinite(se := self.accept_se(k)) else None
                               for k in range(self.max_k + 1)],
