@@ -120,6 +120,9 @@ class OnlineCalibration:
         self._dirty = True
         self._touched: set[int] = set()               # buckets with new clean steps
         self._full_at = 0
+        self._steps_at = [0] * nb                     # clean steps per batch size, any k (uncapped)
+        self._busiest = [m[0] if m else 0 for m in self.members]  # per bucket: the size with most of them
+        self._decided: dict[int, int] = {}            # bucket -> the policy's k its decision was made for
         self.records = self.clean = self.explorations = self.explore_steps = 0
 
     def resume(self) -> None:
@@ -167,6 +170,9 @@ class OnlineCalibration:
         self.var[b][k] += (d * (ms - m) - self.var[b][k]) / n
         g = self.bucket[b]
         self._touched.add(g)
+        self._steps_at[b] += 1
+        if self._steps_at[b] > self._steps_at[self._busiest[g]]:
+            self._busiest[g] = b
         self.cn[g][k] = min(self.cn[g][k] + 1, self.cap)
         s, dec = self.sums[g][k], self._wdecay
         s[0] = s[0] * dec + 1.0
@@ -256,6 +262,11 @@ class OnlineCalibration:
         gain = r1[0] / r0[0] - 1.0
         return gain > self.margin and gain > self.z * math.hypot(r1[1], r0[1])
 
+    def _could_beat(self, r1: tuple[float, float], r0: tuple[float, float]) -> bool:
+        """Whether r1 may still turn out to beat r0 (the gain's upper bound, z standard errors up,
+        clears the margin): refining a k that cannot is spending steps on a decision already made."""
+        return r1[0] / r0[0] - 1.0 + self.z * math.hypot(r1[1], r0[1]) > self.margin
+
     def choose(self, g: int, prior_k: int) -> int:
         """The calibrated k in bucket g: the fastest measured k that beats the policy's, else the policy's."""
         fit = self._fit(g)
@@ -277,7 +288,8 @@ class OnlineCalibration:
         Untried neighbours of the current k, and measured k's within noise of it that measure
         faster so far, are due every ``explore_every`` steps; k's within noise that measure slower
         only every ``refine_every`` (each hold costs little, but deciding a gap of a per cent
-        takes many holds, and those would otherwise take a third of the bucket's steps)."""
+        takes many holds, and those would otherwise take a third of the bucket's steps), and
+        only while they could still beat it."""
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)
@@ -292,6 +304,7 @@ class OnlineCalibration:
             elif self.min_steps <= n < self.max_steps and base is not None:
                 r = self.rate(g, k, fit)
                 want = (r is not None and not self._beats(base, r) and not self._beats(r, base)  # within noise
+                        and self._could_beat(r, base)
                         and (r[0] > base[0] or self.since[g] >= self.refine_every))
             else:
                 want = False
@@ -301,35 +314,39 @@ class OnlineCalibration:
 
     def _prior_of(self, g: int, prior: tuple[int, ...]) -> int:
         """The policy's k for bucket g: its k at the bucket's busiest batch size (by clean steps)."""
-        mem = [b for b in self.members[g] if b < len(prior)]
-        b = max(mem, key=lambda b: (sum(self.n[b]), b))
+        b = self._busiest[g]
+        if b >= len(prior):
+            b = max(m for m in self.members[g] if m < len(prior))
         return min(prior[b], self.max_k)
 
     def table(self, prior) -> tuple[int, ...]:
         """The policy's k per batch size (``prior[b]``) with the measured overrides and any exploration."""
         prior = tuple(prior)
         if self._dirty or prior != self._prior:
-            # the buckets with new clean steps, all of them when the policy's table or (every 16
-            # records) the pooled acceptance moved: tens of microseconds per step on the refresher
-            full = prior != self._prior or self.records - self._full_at >= 16
+            # decide again the buckets with new clean steps or whose policy k moved, and all of
+            # them every 16 records (the pooled acceptance moves): tens of microseconds per step
+            # on the refresher, though the policy's table changes at most steps
+            full = self.records - self._full_at >= 16
             self._prior, self._dirty = prior, False
             hi = min(len(prior), self.max_num_seqs + 1)
             top = self.bucket[hi - 1] + 1 if hi > 1 else 1
-            todo = range(1, top) if full else [g for g in self._touched if g < top]
             if full:
                 self._full_at = self.records
-            self._touched.clear()
-            ov = self._override
-            for g in todo:
+            touched, self._touched = self._touched, set()
+            ov, decided = self._override, self._decided
+            for g in range(1, top):
+                p = self._prior_of(g, prior)
+                if not full and g not in touched and decided.get(g) == p:
+                    continue
+                decided[g] = p
                 if self.seen[g] >= self.min_seen or any(self.cn[g]):
-                    p = self._prior_of(g, prior)
                     k = self.choose(g, p)
                     if k != p:
                         ov[g] = k
                         continue
                 ov.pop(g, None)
             if self._explore is None:
-                self._start_exploring(prior)
+                self._start_exploring(prior, None if full else touched)
         if not self._override and self._explore is None:
             return prior
         out = list(prior)
@@ -344,10 +361,12 @@ class OnlineCalibration:
                     out[b] = self._explore[1]
         return tuple(out)
 
-    def _start_exploring(self, prior: tuple[int, ...]) -> None:
-        # the busiest bucket that is due: exploration goes where the engine spends its steps
+    def _start_exploring(self, prior: tuple[int, ...], only: set[int] | None = None) -> None:
+        # the busiest bucket that is due (of ``only``, the buckets whose evidence just moved, when
+        # given): exploration goes where the engine spends its steps
         top = self.bucket[min(len(prior), self.max_num_seqs + 1) - 1] + 1 if len(prior) > 1 else 1
-        cands = [g for g in range(1, top) if self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
+        cands = [g for g in (range(1, top) if only is None else only)
+                 if g < top and self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
         for g in sorted(cands, key=lambda g: -self.seen[g]):
             cur = self._override.get(g, self._prior_of(g, prior))
             k = self._to_explore(g, cur)

@@ -195,3 +195,20 @@ def test_the_bucket_fit_compares_ks_at_the_same_batch_size():
     assert cal.choose(g, 3) == 3 and cal.choose(g, 2) == 2  # neither beats the other
     with pytest.raises(ValueError, match="refine_every"):
         OnlineCalibration(max_k=2, max_num_seqs=8, explore_every=12, refine_every=6)
+
+
+def test_a_contender_that_can_no_longer_win_is_not_refined_to_max_steps():
+    # batch 32, k = 2 2.4% slower than the policy's k = 3 and precisely measured (step noise 1%):
+    # once its gain's upper bound (z standard errors up) is below the margin it is left alone
+    def verify(b, k):
+        return 20.0 + b * (2.0 + [0.0, 0.5, 1.0, 1.3, 2.6][k])
+
+    for seed in range(3):
+        eng = LaggedEngine(verify, lambda b, k: 0.0, noise=0.01, seed=seed)
+        rates = {k: expected_rate(eng, 32, k) for k in range(5)}
+        assert max(rates, key=rates.get) == 3 and 0.97 < rates[2] / rates[3] < 0.98
+        cal = OnlineCalibration(max_k=4, max_num_seqs=32)
+        table, ks = run(cal, eng, (0,) + (3,) * 32, 3000, batch=lambda i: 32)
+        g = bucket_of(32)
+        assert table[32] == 3 and cal.min_steps <= cal.cn[g][2] < cal.max_steps // 2 + 20, cal.cn[g]
+        assert sum(k != 3 for k in ks[-1500:]) <= 2 * (cal.hold + 1)  # refining every 60 steps: ~140
