@@ -9,9 +9,9 @@ size the engine actually runs, the decode rate of the k's next to the policy's c
 overrides the policy's k wherever the measurements say, with confidence, that another k is
 faster.  Elsewhere the policy's table passes through unchanged.
 
-Batch sizes close together share their measurements and their decision: sizes 1..7 stand
-alone, larger ones fall into buckets about 25% wide (8-9, 10-12, 13-15, 16-19, 20-23, 24-29,
-30-37, ...; :func:`bucket_of`).  A closed loop at concurrency 32 wanders over 26..32 as requests
+Batch sizes close together share their measurements and their decision: size 1 stands alone,
+2..7 go in pairs, larger ones fall into buckets about 25% wide (8-9, 10-12, 13-15, 16-19, 20-23,
+24-29, 30-37, ...; :func:`bucket_of`).  A closed loop at concurrency 32 wanders over 26..32 as requests
 finish and start; measured and explored one size at a time that is seven hill climbs, each
 taking its own exploration steps, where two will do.  Per bucket and k it keeps the *clean*
 steps (no prefill tokens in the step, and drafted and verified at the same k: vLLM verifies at
@@ -61,15 +61,15 @@ __all__ = ["OnlineCalibration", "bucket_of"]
 
 
 def bucket_of(b: int, ratio: float = 1.25) -> int:
-    """The batch-size bucket that shares measurements and decisions: 1..7 alone, then ~25% wide
-    (8-9, 10-12, 13-15, 16-19, 20-23, 24-29, 30-37, ...).
+    """The batch-size bucket that shares measurements and decisions: 1 alone, then pairs (2-3,
+    4-5, 6-7), then ~25% wide (8-9, 10-12, 13-15, 16-19, 20-23, 24-29, 30-37, ...).
 
-    >>> [bucket_of(b) for b in (1, 7, 8, 9, 16, 19, 30, 32)]
-    [1, 7, 8, 8, 11, 11, 14, 14]
+    >>> [bucket_of(b) for b in (1, 2, 3, 4, 7, 8, 9, 16, 19, 30, 32)]
+    [1, 2, 2, 3, 4, 5, 5, 8, 8, 11, 11]
     """
-    if b <= 4:
-        return b
-    return 4 + math.ceil(math.log(b / 4) / math.log(ratio) - 1e-9)
+    if b < 8:
+        return 1 if b <= 1 else 2 + (b - 2) // 2
+    return 1 + math.ceil(math.log(b / 4) / math.log(ratio) - 1e-9)
 
 
 class OnlineCalibration:

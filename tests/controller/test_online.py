@@ -64,8 +64,9 @@ def test_overrides_the_policy_where_another_k_measures_faster():
     prior = (0,) + (3,) * 8
     table, ks = run(cal, eng, prior, 1500)
     assert table[4] == 1  # hill-climbed 3 -> 2 -> 1, and held there
-    assert table[5] == 3 and table[1] == 3  # batch sizes never run keep the policy's k
-    assert cal.stats()["overrides"] == {4: 1}
+    assert table[5] == 1  # 4's bucket-mate (4-5): its decision too
+    assert table[6] == 3 and table[1] == 3  # buckets never run keep the policy's k
+    assert cal.stats()["overrides"] == {4: 1, 5: 1}
     assert ks[-300:].count(1) / 300 > 0.9  # exploration settles once decided
     assert cal.accept(0) == 0.0 and abs(cal.accept(1) - 0.6) < 0.05
 

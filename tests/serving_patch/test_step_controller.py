@@ -381,9 +381,9 @@ def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survi
         for _ in range(1500):
             ctl.source.on_step(eng.step(4, ctl.choose(4)))
             ctl.refresh_now()
-        assert ctl.choose(4) == 1 and ctl.choose(5) == 3  # measured at batch 4 only
+        assert ctl.choose(4) == 1 and ctl.choose(5) == 1 and ctl.choose(6) == 3  # measured in bucket 4-5 only
         assert ctl.version.endswith("+calibrated")
-        assert ctl.stats()["source"]["calibration"]["overrides"] == {4: 1}
+        assert ctl.stats()["source"]["calibration"]["overrides"] == {4: 1, 5: 1}
         ctl.set_source("static:2")
         assert ctl.choose(4) == 2
         ctl.set_source(f"embedded:{path}")
