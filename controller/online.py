@@ -44,7 +44,7 @@ its own neighbours are explored next (hill climbing in k).  The override needs t
 to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
 cannot make the table flap.
 
-All of it runs on the controller's background thread (a few microseconds per step); the step
+All of it runs on the controller's background thread (tens of microseconds per step); the step
 path still only indexes the table.
 
     >>> cal = OnlineCalibration(max_k=2, max_num_seqs=4, min_seen=2, min_steps=2, explore_every=1, hold=2)
@@ -99,10 +99,6 @@ class OnlineCalibration:
         self.members: list[list[int]] = [[] for _ in range(self.nbuckets)]
         for b in range(1, nb):
             self.members[self.bucket[b]].append(b)
-        # per batch size: clean steps and their mean / variance of step ms (reported; capped moving mean)
-        self.n = [[0] * nk for _ in range(nb)]
-        self.mean = [[0.0] * nk for _ in range(nb)]
-        self.var = [[0.0] * nk for _ in range(nb)]
         # per bucket and k, the decisions' evidence: clean steps (capped count) and exponentially
         # weighted sums [w, w^2, b, T, b^2, bT, T^2] for a fit T = alpha_k + beta * b within the bucket
         self.cn = [[0] * nk for _ in range(self.nbuckets)]
@@ -161,13 +157,6 @@ class OnlineCalibration:
         if not 0 < b <= self.max_num_seqs or rec.get("prefill_tokens", 0) or not ms > 0:
             return
         self.clean += 1
-        n = min(self.n[b][k] + 1, self.cap)
-        self.n[b][k] = n
-        m = self.mean[b][k]
-        d = ms - m
-        m += d / n
-        self.mean[b][k] = m
-        self.var[b][k] += (d * (ms - m) - self.var[b][k]) / n
         g = self.bucket[b]
         self._touched.add(g)
         self._steps_at[b] += 1
@@ -328,8 +317,7 @@ class OnlineCalibration:
             # on the refresher, though the policy's table changes at most steps
             full = self.records - self._full_at >= 16
             self._prior, self._dirty = prior, False
-            hi = min(len(prior), self.max_num_seqs + 1)
-            top = self.bucket[hi - 1] + 1 if hi > 1 else 1
+            top = self._top(prior)
             if full:
                 self._full_at = self.records
             touched, self._touched = self._touched, set()
@@ -346,7 +334,7 @@ class OnlineCalibration:
                         continue
                 ov.pop(g, None)
             if self._explore is None:
-                self._start_exploring(prior, None if full else touched)
+                self._start_exploring(prior, top, None if full else touched)
         if not self._override and self._explore is None:
             return prior
         out = list(prior)
@@ -361,10 +349,14 @@ class OnlineCalibration:
                     out[b] = self._explore[1]
         return tuple(out)
 
-    def _start_exploring(self, prior: tuple[int, ...], only: set[int] | None = None) -> None:
+    def _top(self, prior: tuple[int, ...]) -> int:
+        """One past the last bucket with a batch size in ``prior`` (buckets 1..top-1 are decided)."""
+        hi = min(len(prior), self.max_num_seqs + 1)
+        return self.bucket[hi - 1] + 1 if hi > 1 else 1
+
+    def _start_exploring(self, prior: tuple[int, ...], top: int, only: set[int] | None = None) -> None:
         # the busiest bucket that is due (of ``only``, the buckets whose evidence just moved, when
         # given): exploration goes where the engine spends its steps
-        top = self.bucket[min(len(prior), self.max_num_seqs + 1) - 1] + 1 if len(prior) > 1 else 1
         cands = [g for g in (range(1, top) if only is None else only)
                  if g < top and self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
         for g in sorted(cands, key=lambda g: -self.seen[g]):

@@ -110,14 +110,18 @@ def test_steps_with_prefill_and_steps_between_two_ks_are_not_timed():
     eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, noise=0.0, seed=3)
     cal = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9)  # no exploration
     run(cal, eng, (0,) + (3,) * 8, 200, prefill_every=3)
-    assert cal.mean[4][3] == pytest.approx(cost_k1_best(4, 3))  # the +40 ms prefill steps never counted
+    def clean(c, b, k):  # (clean steps, their mean ms) at batch size b's bucket (only b ran there)
+        w, _w2, _sb, st = c.sums[bucket_of(b)][k][:4]
+        return c.cn[bucket_of(b)][k], st / w if w else None
+
+    assert clean(cal, 4, 3)[1] == pytest.approx(cost_k1_best(4, 3))  # the +40 ms prefill steps never counted
     # a switch: the step that verifies k = 3 but drafts k = 1 is not a clean k = 3 (or k = 1) step
     cal2 = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9)
     eng2 = LaggedEngine(lambda b, k: 10.0 * (k + 1), lambda b, k: 100.0 * k, noise=0.0)
     for k in [3, 3, 3, 1, 1, 1]:
         cal2.observe(eng2.step(4, k))
-    assert cal2.mean[4][3] == pytest.approx(340.0) and cal2.n[4][3] == 2
-    assert cal2.mean[4][1] == pytest.approx(120.0) and cal2.n[4][1] == 1  # the last one waits for its successor
+    assert clean(cal2, 4, 3) == (2, pytest.approx(340.0))
+    assert clean(cal2, 4, 1) == (1, pytest.approx(120.0))  # the last one waits for its successor
 
 
 def test_acceptance_comes_from_the_steps_that_ran_each_k_with_a_shrinking_standard_error():
