@@ -32,7 +32,13 @@ batch 4 where k = 1 was 5% faster end to end.  Held, the clean-step rates
 ``b * (1 + a(k)) / T(b, k)`` ranked k = 1..4 as the whole runs did at concurrency 1, 4 and 16.
 Each rate carries a standard error (step time's and acceptance's); at batch 1 acceptance's
 dominates (a step accepts 0..k tokens), so a few hundred steps there decide only gaps of 5% or
-more and the policy's k stands below that.
+more.  For a k *shorter* than the one compared with, a second estimate has almost none of that
+noise: the longer k's own steps cut to k drafts (``accept(k0) - cut_loss(k0, k)``) give k's
+acceptance on the same steps, requests and positions.  Its bias (above) runs one way, against
+the shorter k, so it can show that shortening gains, never that lengthening does; either
+estimate clearing the bar decides (:meth:`OnlineCalibration._gains`).  On the tiny pair at
+batch 1, k = 3 is 3% faster than the policy's k = 4 end to end: the cut estimate settles that
+in a few hundred steps, held acceptance not in the thousands a benchmark gives it.
 
 Exploration: in a bucket seen at least ``min_seen`` times, the k's next to the current choice
 are run in holds of ``hold`` steps, at most once every ``explore_every`` steps there, until each
@@ -109,6 +115,9 @@ class OnlineCalibration:
         # per k, decayed sums over the steps that ran it: steps, requests (b), b*x and b*x^2 with x
         # the step's accepted tokens per request
         self.acc = [[0.0, 0.0, 0.0, 0.0] for _ in range(nk)]
+        # per k and j < k, decayed sums over k's steps of b*d and b*d^2 with d the step's tokens per
+        # request accepted at positions j..k-1: what truncating k's steps to j drafts loses
+        self.cut = [[[0.0, 0.0] for _ in range(k)] for k in range(nk)]
         self._pending: dict | None = None             # the last record: clean or not, the next one tells
         self._explore: list | None = None             # [bucket, k, verifying steps left, steps left]
         self._override: dict[int, int] = {}           # bucket -> k where measurements overrule the policy
@@ -177,12 +186,21 @@ class OnlineCalibration:
         # its evidence, the one it runs follows drift over its last ~1/(1 - decay) steps
         if b <= 0 or k <= 0:
             return
-        x = sum(per_pos[:k]) / b
+        per_pos = [float(v) for v in per_pos[:k]]
+        x = sum(per_pos) / b
         a, dec = self.acc[k], self.decay
         a[0] = a[0] * dec + 1.0
         a[1] = a[1] * dec + b
         a[2] = a[2] * dec + b * x
         a[3] = a[3] * dec + b * x * x
+        tail = 0.0
+        cut = self.cut[k]
+        for j in range(k - 1, 0, -1):  # positions j..k-1, longest cut last
+            tail += per_pos[j] if j < len(per_pos) else 0.0
+            d = tail / b
+            c = cut[j]
+            c[0] = c[0] * dec + b * d
+            c[1] = c[1] * dec + b * d * d
 
     def accept(self, k: int) -> float | None:
         """Mean accepted tokens per decoding request and step at k (None: not measured)."""
@@ -199,6 +217,17 @@ class OnlineCalibration:
         m = a[2] / a[1]
         per_request_var = max(a[3] - m * m * a[1], 0.0) / a[0]  # E[b (x - m)^2] = var of one request
         return math.sqrt(per_request_var / a[1])
+
+    def cut_loss(self, k: int, j: int) -> tuple[float, float] | None:
+        """(mean, standard error) of the tokens per request and step that k's steps accepted at
+        positions j..k-1: ``accept(k) - cut_loss(k, j)`` is the acceptance of k's steps cut to j
+        drafts, measured on the same steps as ``accept(k)`` (None: k has fewer than 2 steps)."""
+        a = self.acc[k]
+        if not 0 < j < k or a[0] < 2:
+            return None
+        c = self.cut[k][j]
+        m = c[0] / a[1]
+        return m, math.sqrt(max(c[1] - m * m * a[1], 0.0) / a[0] / a[1])
 
     def _fit(self, g: int) -> tuple[float, float, float]:
         """The bucket's common slope of step ms in b (its variance) and the reference batch size.
@@ -228,13 +257,12 @@ class OnlineCalibration:
         var_beta = (res / max(dof - 1.0, 1.0)) / sxx if sxx > 1e-9 else 0.0
         return beta, var_beta, b_all / w_all
 
-    def rate(self, g: int, k: int, fit: tuple[float, float, float] | None = None) -> tuple[float, float] | None:
-        """(committed tokens per ms, its relative standard error) of k in bucket g, at the bucket's
-        mean batch size, or None while k has fewer than ``min_steps`` clean steps there."""
-        a = self.accept(k)
-        if self.cn[g][k] < self.min_steps or a is None:
+    def _time(self, g: int, k: int, fit: tuple[float, float, float]) -> tuple[float, float] | None:
+        """(step ms of k in bucket g at the bucket's mean batch size, its relative standard error),
+        or None while k has fewer than ``min_steps`` clean steps there."""
+        if self.cn[g][k] < self.min_steps:
             return None
-        beta, var_beta, bref = fit if fit is not None else self._fit(g)
+        beta, var_beta, bref = fit
         w, w2, sb, sT, sbb, sbT, sTT = self.sums[g][k]
         mb, mT = sb / w, sT / w
         T = mT + beta * (bref - mb)
@@ -243,32 +271,64 @@ class OnlineCalibration:
         # residual variance of this k's steps about the fit; the mean's from the weights' spread
         rss = max((sTT - sT * mT) - 2 * beta * (sbT - sb * mT) + beta * beta * (sbb - sb * mb), 0.0)
         var_T = rss / max(w - 1.0, 1.0) * (w2 / (w * w)) + (bref - mb) ** 2 * var_beta
-        return bref * (1.0 + a) / T, math.hypot(math.sqrt(var_T) / T, self.accept_se(k) / (1.0 + a))
+        return T, math.sqrt(var_T) / T
+
+    def rate(self, g: int, k: int, fit: tuple[float, float, float] | None = None) -> tuple[float, float] | None:
+        """(committed tokens per ms, its relative standard error) of k in bucket g, at the bucket's
+        mean batch size, or None while k has fewer than ``min_steps`` clean steps there."""
+        a = self.accept(k)
+        fit = fit if fit is not None else self._fit(g)
+        t = self._time(g, k, fit) if a is not None else None
+        if t is None:
+            return None
+        return fit[2] * (1.0 + a) / t[0], math.hypot(t[1], self.accept_se(k) / (1.0 + a))
+
+    def _gains(self, g: int, k: int, base: int, fit) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """Two estimates of k's gain in rate over ``base`` in bucket g, held and cut, each
+        (gain, standard error) or None where it cannot be made.
+
+        The held one compares each k's own steps.  For a shorter k there is also the *cut* one:
+        ``base``'s steps cut to k drafts give k's acceptance on the very same steps, so the
+        difference carries none of the acceptance noise between requests and positions (at batch
+        1 a step accepts 0..k, and held estimates need thousands of steps to rank k's a few per
+        cent apart).  Cut acceptance is biased low (a long k's steps start in hard stretches
+        more often; module docstring: 8-10% at k = 1 from k = 4), so it can only understate
+        what shortening gains: it may call a shorter k faster, never a longer one."""
+        held = cut = None
+        r, r0 = self.rate(g, k, fit), self.rate(g, base, fit)
+        if r is not None and r0 is not None:
+            held = (r[0] / r0[0] - 1.0, math.hypot(r[1], r0[1]))
+        if 0 < k < base and (loss := self.cut_loss(base, k)) is not None:
+            t, t0 = self._time(g, k, fit), self._time(g, base, fit)
+            a0 = self.accept(base)
+            if t is not None and t0 is not None and a0 is not None:
+                a = a0 - loss[0]
+                cut = ((1.0 + a) / (1.0 + a0) * t0[0] / t[0] - 1.0, math.hypot(t[1], t0[1], loss[1] / (1.0 + a)))
+        return held, cut
 
     # ------------------------------------------------------------------ decisions
-    def _beats(self, r1: tuple[float, float], r0: tuple[float, float]) -> bool:
-        """Whether rate r1 is above r0 by more than noise (z standard errors) and the margin."""
-        gain = r1[0] / r0[0] - 1.0
-        return gain > self.margin and gain > self.z * math.hypot(r1[1], r0[1])
+    def _beats(self, gain: float, se: float) -> bool:
+        """Whether a gain is above zero by more than noise (z standard errors) and the margin."""
+        return gain > self.margin and gain > self.z * se
 
-    def _could_beat(self, r1: tuple[float, float], r0: tuple[float, float]) -> bool:
-        """Whether r1 may still turn out to beat r0 (the gain's upper bound, z standard errors up,
-        clears the margin): refining a k that cannot is spending steps on a decision already made."""
-        return r1[0] / r0[0] - 1.0 + self.z * math.hypot(r1[1], r0[1]) > self.margin
+    def _could_beat(self, gain: float, se: float) -> bool:
+        """Whether a gain may still turn out to clear the margin (its upper bound, z standard
+        errors up, does): refining a k that cannot is spending steps on a decision already made."""
+        return gain + self.z * se > self.margin
 
     def choose(self, g: int, prior_k: int) -> int:
-        """The calibrated k in bucket g: the fastest measured k that beats the policy's, else the policy's."""
+        """The calibrated k in bucket g: the k whose gain over the policy's k is the largest of
+        those that beat it (by any estimate, :meth:`_gains`), else the policy's."""
         fit = self._fit(g)
-        base = self.rate(g, prior_k, fit)
-        if base is None:
+        if self._time(g, prior_k, fit) is None:
             return prior_k
-        best, best_r = prior_k, base
+        best, best_gain = prior_k, 0.0
         for k in range(self.max_k + 1):
             if k == prior_k:
                 continue
-            r = self.rate(g, k, fit)
-            if r is not None and r[0] > best_r[0] and self._beats(r, base):
-                best, best_r = k, r
+            won = [e[0] for e in self._gains(g, k, prior_k, fit) if e is not None and self._beats(*e)]
+            if won and max(won) > best_gain:
+                best, best_gain = k, max(won)
         return best
 
     def _to_explore(self, g: int, cur: int) -> int | None:
@@ -282,7 +342,6 @@ class OnlineCalibration:
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)
-        base = self.rate(g, cur, fit)
         pick, pick_n = None, None
         for k in range(self.max_k + 1):
             if k == cur:
@@ -290,11 +349,15 @@ class OnlineCalibration:
             n = self.cn[g][k]
             if abs(k - cur) == 1 and n < self.min_steps:
                 want = True
-            elif self.min_steps <= n < self.max_steps and base is not None:
-                r = self.rate(g, k, fit)
-                want = (r is not None and not self._beats(base, r) and not self._beats(r, base)  # within noise
-                        and self._could_beat(r, base)
-                        and (r[0] > base[0] or self.since[g] >= self.refine_every))
+            elif self.min_steps <= n < self.max_steps:
+                held, cut = self._gains(g, k, cur, fit)
+                est = [e for e in (held, cut) if e is not None]
+                # within noise: no estimate says k wins and the unbiased (held) one does not say
+                # it loses; and some estimate still lets it win
+                want = (bool(est) and not any(self._beats(*e) for e in est)
+                        and not (held is not None and self._beats(-held[0], held[1]))
+                        and any(self._could_beat(*e) for e in est)
+                        and (max(e[0] for e in est) > 0 or self.since[g] >= self.refine_every))
             else:
                 want = False
             if want and (pick_n is None or n < pick_n):

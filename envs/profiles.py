@@ -449,6 +449,17 @@ class AcceptanceProfile:
             return float(self.walk_gain[min(k, self.depth) - 1])
         return self.propose_rate(k) * self.expected_accepted(k, width, t_s)
 
+    def thinned(self, eps: float, agree=None) -> AcceptanceProfile:
+        """The profile of a weaker drafter that cannot predict a token with chance ``eps``
+        (:func:`envs.simulator.thin_agree`): every position's conditional acceptance times
+        ``1 - eps``; ``walk_gain`` from ``agree`` (the thinned arrays) when given."""
+        if eps <= 0:
+            return self
+        gain = agree_walk_gain(agree, self.depth) if agree is not None and self.walk_gain is not None else None
+        return AcceptanceProfile(p=(np.asarray(self.p) * (1.0 - eps)).tolist(), width_rho=self.width_rho,
+                                 bin_s=self.bin_s, delta=list(self.delta), cyclic=self.cyclic,
+                                 propose=self._propose.tolist(), walk_gain=gain, report=self.report)
+
     def mean_delta(self) -> float:
         return float(np.mean(self._delta))
 

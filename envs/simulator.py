@@ -52,7 +52,8 @@ import numpy as np
 
 from envs.profiles import AcceptanceProfile, CostModel, held_walks
 
-__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState", "closed_loop_links"]
+__all__ = ["EngineConfig", "RequestArrays", "SimStats", "Simulator", "StepOutcome", "StepState", "closed_loop_links",
+           "thin_agree"]
 
 CLOSED_LOOP_TOL_S = 0.05  # a closed-loop client sends within this long of the finish that freed a slot
 
@@ -91,6 +92,34 @@ def closed_loop_links(arrival_s, finish_s, tol_s: float = CLOSED_LOOP_TOL_S) -> 
         claimed[j] = True
         after[i], gap[i] = j, a[i] - f[j]
     return after, gap
+
+
+def thin_agree(agree: np.ndarray, eps: float, rng: np.random.Generator) -> np.ndarray:
+    """A weaker drafter's ``agree`` array: every output token independently becomes one the
+    drafter cannot predict with probability ``eps``, and each draft stops at the first such token.
+
+    ``agree[t]`` (the leading tokens of the draft proposed after ``t`` output tokens that match
+    tokens ``t, t + 1, ...``) becomes ``min(agree[t], u - t)`` with ``u >= t`` the first broken
+    token; ``-1`` (no draft) stays.  The same broken token cuts every draft that reaches it, so
+    the array stays a consistent walk (a draft that matched up to ``u`` from ``t`` matches up to
+    ``u`` from ``t + 1`` too), and per-position acceptance drops by the factor ``1 - eps``
+    while its pattern along the request (easy and hard stretches) is kept.
+
+    >>> thin_agree(np.array([3, 2, 1, 0, -1, 2, 1, 0]), 0.0, np.random.default_rng(0)).tolist()
+    [3, 2, 1, 0, -1, 2, 1, 0]
+    >>> thin_agree(np.array([3, 2, 1, 0, -1, 2, 1, 0]), 1.0, np.random.default_rng(0)).tolist()
+    [0, 0, 0, 0, -1, 0, 0, 0]
+    """
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps (the chance a token becomes unpredictable) must be in [0, 1], got {eps}")
+    a = np.asarray(agree)
+    n = len(a)
+    if eps <= 0.0 or n == 0:
+        return a.copy()
+    t = np.arange(n)
+    broken = np.append(np.flatnonzero(rng.random(n) < eps), 2 * n + 128)  # + a sentinel past any draft
+    dist = broken[np.searchsorted(broken, t)] - t  # to the first broken token at or after t
+    return np.where(a < 0, a, np.minimum(a, dist)).astype(a.dtype)
 
 
 def _relink(after: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -263,6 +292,13 @@ class RequestArrays:
     @property
     def span_s(self) -> float:
         return float(self.arrival_s[-1]) if len(self.arrival_s) else 0.0
+
+    def thinned(self, eps: float, rng: np.random.Generator) -> RequestArrays:
+        """A copy whose ``agree`` arrays are those of a weaker drafter (:func:`thin_agree`)."""
+        if self.agree is None or eps <= 0:
+            return self
+        agree = [None if a is None else thin_agree(a, eps, rng) for a in self.agree]
+        return RequestArrays(self.arrival_s, self.prompt_tokens, self.output_tokens, agree, self.after, self.gap_s)
 
 
 @dataclass

@@ -28,6 +28,12 @@ Nightjar's bandit uses (arXiv 2512.22420); offered for comparison.
 **Starting state** -- :meth:`reset` picks a load scale from ``load_scales`` and a window of
 ``window_s`` seconds (scaled timeline) whose start lies in the ``time_range`` fraction of
 the trace, both from ``self.np_random``; options ``{"load_scale": x, "start_s": s}`` fix them.
+With ``accept_thinning = m > 0`` each episode also draws a weaker drafter: every output token
+becomes one the drafter cannot predict with a chance ``eps`` drawn uniformly from ``[0, m)``
+(:func:`envs.simulator.thin_agree`; option ``{"thinning": eps}`` fixes it).  Training over a
+range of acceptance, not only the traces' own level, teaches a policy how the best k moves
+with the acceptance it observes (the ``alpha`` and ``accept0`` features): served on traffic its
+drafter predicts worse than the recorded traffic, it shortens k instead of keeping the traces'.
 
 **Episode end** -- terminated when every request of the window has finished; truncated
 by the ``max_episode_steps`` of the registration (20,000).
@@ -57,7 +63,7 @@ class SpecDecodeEnv(gym.Env):
     def __init__(self, scenario: Scenario | None = None, *, traces=None, preset: str | None = None,
                  window_s: float = 60.0, load_scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
                  time_range: tuple[float, float] = (0.0, 1.0), reward: str = "latency",
-                 action_widths: Sequence[int] | None = None, noise: bool = True):
+                 action_widths: Sequence[int] | None = None, noise: bool = True, accept_thinning: float = 0.0):
         if sum(x is not None for x in (scenario, traces, preset)) > 1:
             raise ValueError("give at most one of scenario=, traces= or preset=")
         if scenario is None:
@@ -72,6 +78,8 @@ class SpecDecodeEnv(gym.Env):
         lo, hi = time_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"time_range must satisfy 0 <= lo < hi <= 1, got {time_range!r}")
+        if not 0.0 <= accept_thinning < 1.0:
+            raise ValueError(f"accept_thinning must be in [0, 1), got {accept_thinning}")
         if len(scenario.requests) == 0:
             raise ValueError(f"scenario {scenario.name!r} has no requests to replay")
         self.scenario = scenario
@@ -80,6 +88,7 @@ class SpecDecodeEnv(gym.Env):
         self.time_range = (float(lo), float(hi))
         self.reward_kind = reward
         self.noise = noise
+        self.accept_thinning = float(accept_thinning)
         cfg = scenario.config
         self.actions = ActionSet(cfg.max_k, list(action_widths or cfg.widths))
         self._mask = self.actions.mask(supported_widths=list(cfg.widths), max_k=cfg.max_k)
@@ -125,10 +134,17 @@ class SpecDecodeEnv(gym.Env):
             raise ValueError(f"no request arrives in the window start_s={start}, window_s={self.window_s} "
                              f"at load x{scale}")
         sim_seed = int(self.np_random.integers(2**31 - 1))
-        self.sim = Simulator(window, self.scenario.cost, self.scenario.acceptance, self.scenario.config,
+        eps = float(options.get("thinning", self.np_random.uniform(0.0, self.accept_thinning)
+                                if self.accept_thinning > 0 else 0.0))
+        acceptance = self.scenario.acceptance
+        if eps > 0:
+            window = window.thinned(eps, self.np_random)
+            acceptance = acceptance.thinned(eps, window.agree)
+        self.sim = Simulator(window, self.scenario.cost, acceptance, self.scenario.config,
                              seed=sim_seed, time_offset_s=start, noise=self.noise, record_steps=False)
         self.features.reset()
-        self.episode = {"load_scale": scale, "start_s": start, "requests": len(window), "return": 0.0}
+        self.episode = {"load_scale": scale, "start_s": start, "requests": len(window), "return": 0.0,
+                        "thinning": eps}
         self._state = self.sim.prepare()
         return self._observe(), {"load_scale": scale, "start_s": start, "requests": len(window)}
 

@@ -86,7 +86,8 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
     cfg = TrainConfig(algo=args.algo, timesteps=args.timesteps, budget_minutes=args.budget_minutes, seed=args.seed,
                       window_s=args.window_s, load_scales=tuple(args.load_scales),
                       train_range=(0.0, 1.0 - TEST_FRACTION), progress=not args.no_progress,
-                      min_gain=args.min_gain)
+                      min_gain=args.min_gain,
+                      **({} if args.accept_thinning is None else {"accept_thinning": args.accept_thinning}))
     log(f"[{name}] training ({cfg.algo}, {cfg.timesteps} timesteps"
         + (f", budget {cfg.budget_minutes} min" if cfg.budget_minutes else "") + ")")
     res = train(scenario, cfg)
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-gain", type=float, default=None,
                     help="hindsight: speculate only where the predicted speed-up over k = 0 is at least 1 + this "
                          "(default 0.02; 0 = the plain argmax)")
+    ap.add_argument("--accept-thinning", type=float, default=None, metavar="EPS",
+                    help="training episodes replay the traces with a weaker drafter: each output token becomes "
+                         "unpredictable with a chance drawn from [0, EPS), so the policy learns how the best k "
+                         "moves with the acceptance it observes (default 0.3; 0 = the traces' own level)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0],
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.algo}: leave it out")
         if args.min_gain is not None and not 0 <= args.min_gain < 1:
             raise ValueError(f"--min-gain must be in [0, 1), got {args.min_gain}")
+        if args.accept_thinning is not None and not 0 <= args.accept_thinning < 1:
+            raise ValueError(f"--accept-thinning must be in [0, 1), got {args.accept_thinning}")
         if any(s <= 0 for s in args.load_scales):
             raise ValueError(f"--load-scales must be positive, got {args.load_scales}")
         if args.table:

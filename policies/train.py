@@ -83,6 +83,7 @@ class TrainConfig:
     epochs: int = 8             # hindsight: passes over the collected data per round
     explore: float = 0.2        # hindsight: random actions in the behaviour policy
     min_gain: float | None = None  # hindsight: speculate only if predicted >= 1 + min_gain x off (None: 0.02)
+    accept_thinning: float = 0.3   # training episodes draw a drafter weaker by eps in [0, this) (SpecDecodeEnv)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -100,6 +101,8 @@ class TrainConfig:
             self.min_gain = DEFAULT_MIN_GAIN
         if self.min_gain is not None and not 0 <= self.min_gain < 1:
             raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
+        if not 0 <= self.accept_thinning < 1:
+            raise ValueError(f"accept_thinning must be in [0, 1), got {self.accept_thinning}")
 
 
 @dataclass
@@ -116,7 +119,7 @@ def _make_env(scenario: Scenario, cfg: TrainConfig, time_range, seed: int):
 
     def thunk():
         env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
-                            reward=cfg.reward)
+                            reward=cfg.reward, accept_thinning=cfg.accept_thinning)
         env.reset(seed=seed)
         return Monitor(env)
 
@@ -226,7 +229,7 @@ def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng:
     from policies.baselines import GoodputGreedy
 
     env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
-                        reward=cfg.reward)
+                        reward=cfg.reward, accept_thinning=cfg.accept_thinning)
     valid = [i for i, ok in enumerate(env.action_masks()) if ok]
     pol = behaviour if behaviour is not None else GoodputGreedy()
     X, Y, W = [], [], []

@@ -217,3 +217,33 @@ def test_a_contender_that_can_no_longer_win_is_not_refined_to_max_steps():
         g = bucket_of(32)
         assert table[32] == 3 and cal.min_steps <= cal.cn[g][2] < cal.max_steps // 2 + 20, cal.cn[g]
         assert sum(k != 3 for k in ks[-1500:]) <= 2 * (cal.hold + 1)  # refining every 60 steps: ~140
+
+
+def test_cut_steps_measure_what_a_shorter_k_loses_on_the_same_steps():
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.5, seed=5)
+    cal = OnlineCalibration(max_k=4, max_num_seqs=8, min_seen=10 ** 9, accept_decay=1.0)
+    for _ in range(3000):
+        cal.observe(eng.step(8, 4))
+    for j in (1, 2, 3):  # positions j..3 accepted: 0.5^(j+1) + ... + 0.5^4 per request
+        loss, se = cal.cut_loss(4, j)
+        assert loss == pytest.approx(sum(0.5 ** i for i in range(j + 1, 5)), abs=4 * se)
+        assert 0 < se < 0.01
+    assert cal.cut_loss(4, 4) is None and cal.cut_loss(2, 1) is None  # nothing cut; k = 2 never ran
+
+
+@pytest.mark.parametrize("k4_ms, want", [(36.57, 3), (35.06, 4)])
+def test_batch_one_picks_the_shorter_k_from_the_longer_ks_own_steps(k4_ms, want):
+    # batch 1, the policy's k = 4: step times of the tiny pair at c = 1 (bench_engine), acceptance
+    # 0.5 per position.  At 36.57 ms k = 3 is 2.3% faster; at 35.06 ms k = 4 is 2% faster.  Held
+    # acceptance alone cannot rank them in a few thousand steps (a step accepts 0..k: about 5%
+    # standard error on k = 3's rate from its hundred explored steps; the override waits for 2);
+    # k = 4's steps cut to 3 drafts measure the difference on the same steps.
+    ms = {0: 31.5, 1: 32.87, 2: 33.87, 3: 34.61, 4: k4_ms}
+    for seed in range(4):
+        eng = LaggedEngine(lambda b, k: ms[k], lambda b, k: 0.0, alpha=0.5, noise=0.04, seed=seed)
+        rates = {k: expected_rate(eng, 1, k) for k in range(5)}
+        assert max(rates, key=rates.get) == want
+        cal = OnlineCalibration(max_k=4, max_num_seqs=8)
+        table, ks = run(cal, eng, (0,) + (4,) * 8, 2400, batch=lambda i: 1)
+        assert table[1] == want, seed
+        assert ks[-800:].count(want) / 800 > 0.9, seed

@@ -367,3 +367,32 @@ def test_replaying_a_closed_loop_sweep_as_its_client_keeps_its_batch():
     assert closed["batch_mean"]["rel_error"] < 0.05
     assert opened["batch_mean"]["rel_error"] > 0.2
     assert closed["steps_replay"] < 1.1 * closed["steps_trace"]
+
+
+def test_thinning_is_a_weaker_drafter_that_keeps_the_walk_consistent():
+    from envs.profiles import agree_walk_gain
+    from envs.simulator import thin_agree
+
+    rng = np.random.default_rng(0)
+    # a request of easy and hard stretches: runs of agreement counting down, then failures
+    base = np.concatenate([[-1]] + [np.minimum(np.arange(n, 0, -1) - 1, 4) for n in rng.integers(1, 12, 400)])
+    base = base.astype(np.int8)
+    assert thin_agree(base, 0.0, rng).tolist() == base.tolist()
+    thin = [thin_agree(base, 0.2, np.random.default_rng(s)) for s in range(20)]
+    for t in thin:
+        assert t.dtype == base.dtype and len(t) == len(base)
+        assert np.all(t <= base) and np.all((t < 0) == (base < 0))  # cut, never lengthened; -1 stays
+        # a draft that matched m tokens from position i matches m - 1 from i + 1 (the same tokens)
+        i = np.flatnonzero(t[:-1] > 0)
+        assert np.all(t[i + 1] >= t[i] - 1)
+    # the first position's acceptance drops by the factor 1 - eps
+    p0 = np.mean(base[1:] > 0)
+    assert np.mean([np.mean(t[1:] > 0) for t in thin]) == pytest.approx(0.8 * p0, rel=0.03)
+    g0, g1 = agree_walk_gain([base], 4), agree_walk_gain(thin, 4)
+    assert all(b < a for a, b in zip(g0, g1))  # every k's held acceptance drops
+    with pytest.raises(ValueError, match="eps"):
+        thin_agree(base, 1.5, rng)
+    reqs = RequestArrays([0.0, 1.0], [8, 8], [len(base), 3], [base, None])
+    t = reqs.thinned(0.5, np.random.default_rng(1))
+    assert t.agree[1] is None and np.all(t.agree[0] <= base) and not np.array_equal(t.agree[0], base)
+    assert reqs.thinned(0.0, rng) is reqs

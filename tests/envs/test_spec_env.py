@@ -143,3 +143,22 @@ def test_scenario_from_recorded_traces_replays_every_trace_and_reaches_their_bat
             _, _, term, trunc, _ = env.step(4)
             done = term or trunc
     assert biggest >= 24, biggest
+
+
+def test_accept_thinning_draws_a_weaker_drafter_per_episode(scenario):
+    env = SpecDecodeEnv(scenario, window_s=10.0, accept_thinning=0.5)
+    p = np.asarray(scenario.acceptance.p)
+    _, _ = env.reset(seed=0, options={"thinning": 0.4})
+    assert env.episode["thinning"] == 0.4
+    assert np.allclose(env.sim.acceptance.p, 0.6 * p)
+    drawn = []
+    for s in range(12):
+        env.reset(seed=s)
+        drawn.append(env.episode["thinning"])
+        assert np.allclose(env.sim.acceptance.p, (1 - drawn[-1]) * p)
+    assert 0 <= min(drawn) and max(drawn) < 0.5 and len(set(drawn)) == 12
+    plain = SpecDecodeEnv(scenario, window_s=10.0)
+    plain.reset(seed=0)
+    assert plain.episode["thinning"] == 0.0 and plain.sim.acceptance is scenario.acceptance
+    with pytest.raises(ValueError, match="accept_thinning"):
+        SpecDecodeEnv(scenario, window_s=10.0, accept_thinning=1.0)

@@ -95,6 +95,8 @@ def test_min_gain_config_errors():
         TrainConfig(min_gain=-0.1)
     assert TrainConfig(algo="ppo").min_gain is None
     assert TrainConfig(min_gain=0).min_gain == 0
+    with pytest.raises(ValueError, match=r"accept_thinning must be in \[0, 1\)"):
+        TrainConfig(accept_thinning=1.0)
 
 
 def test_min_gain_refuses_a_ppo_export(drift):
