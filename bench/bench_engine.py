@@ -222,7 +222,7 @@ def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
 
 def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
                  repeats: int = 1, confirm_rounds: int = 0, waves=None, confirm_pair: bool = False,
-                 calibrate: bool = False) -> dict:
+                 calibrate: bool = True) -> dict:
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -462,10 +462,11 @@ def main() -> int:
                     help="train the learned policy on these recorded traces (each method takes the files its header "
                          "names; default: the shipped traces/cpu-tiny-METHOD.*): e.g. traces recorded on this machine "
                          "with record-trace, when the shipped ones come from other hardware")
-    ap.add_argument("--calibrate", action="store_true",
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                     help="learned corrects its policy's table online from the engine's own steps "
-                         "(SPEC_CONTROLLER_CALIBRATE=1; controller.online); its measurements carry over between its "
-                         "runs, as they would in a long-running server")
+                         "(SPEC_CONTROLLER_CALIBRATE, on by default; controller.online); its measurements carry over "
+                         "between its runs, as they would in a long-running server (--no-calibrate: the policy as "
+                         "trained)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
                     help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")

@@ -22,10 +22,10 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER_CATCHUP_MAX_TOKENS``  cap on the tokens one catch-up adds to the drafter pass
                                   (0 = the drafter's buffer, max_num_batched_tokens); a
                                   longer gap keeps its newest tokens (bounds the step's time)
-``SPEC_CONTROLLER_CALIBRATE``       1: correct the embedded policy's table online from the
-                                  engine's own steps (measured rate per batch size and k,
+``SPEC_CONTROLLER_CALIBRATE``       1 (default): correct the embedded policy's table online from
+                                  the engine's own steps (measured rate per batch size and k,
                                   short exploration holds next to the policy's k;
-                                  :mod:`controller.online`); 0 (default): the policy as trained
+                                  :mod:`controller.online`); 0: the policy as trained
 ``SPEC_CONTROLLER_SEED``            seed of the exploration draws (0)
 ``SPEC_CONTROLLER_ENGINE_ID``       engine id reported to the sidecar (``engine-<pid>``)
 ``SPEC_TRACE_OUT``                  write a ``spec-trace/1`` trace of every step to this file
@@ -120,7 +120,7 @@ class PluginConfig:
     explore_hold: int = 1
     lazy_drafter: bool = True
     catchup_max_tokens: int = 0
-    calibrate: bool = False
+    calibrate: bool = True
     seed: int = 0
     engine_id: str = ""
     trace_out: str | None = None
@@ -181,7 +181,7 @@ class PluginConfig:
             explore_hold=_int(env, "SPEC_CONTROLLER_EXPLORE_HOLD", 1, 1),
             lazy_drafter=_bool(env, "SPEC_CONTROLLER_LAZY_DRAFTER", True),
             catchup_max_tokens=_int(env, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS", 0, 0),
-            calibrate=_bool(env, "SPEC_CONTROLLER_CALIBRATE", False),
+            calibrate=_bool(env, "SPEC_CONTROLLER_CALIBRATE", True),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",
             trace_out=env.get("SPEC_TRACE_OUT") or None,

@@ -113,6 +113,8 @@ def run_load(llm, requests: Sequence[LoadRequest], *, concurrency: int | None = 
             submitted[r.id] = r.arrival_s if concurrency is None else now
             nxt += 1
         if not submitted:
+            if nxt >= len(reqs):  # submissions just stopped (submit_s) with nothing in flight
+                break
             time.sleep(max(0.0, min(0.05, reqs[nxt].arrival_s - now)))
             continue
         done = 0

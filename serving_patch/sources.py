@@ -9,7 +9,7 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
   process with the shared feature function: the step records feed a
   :class:`controller.features.FeatureState`, and a poll that finds a new step or a changed
   queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).
-  With ``SPEC_CONTROLLER_CALIBRATE=1`` a :class:`controller.online.OnlineCalibration` fed the
+  With ``SPEC_CONTROLLER_CALIBRATE=1`` (the default) a :class:`controller.online.OnlineCalibration` fed the
   same steps overrides that table where the engine's own measurements say another k is faster.
   The file is re-read when it changes (``train-controller`` replaces it atomically); a
   missing or corrupt file keeps the last good policy.

@@ -395,12 +395,15 @@ def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survi
         ctl.close()
 
 
-def test_calibration_is_off_by_default_and_only_for_the_embedded_policy(tmp_path):
+def test_calibration_is_on_by_default_and_only_for_the_embedded_policy(tmp_path):
     path = str(policy(tmp_path, k_by_bias=3))
     ctl, _ = make({"SPEC_CONTROLLER": path})
-    assert ctl.source.calibration is None
+    assert ctl.source.calibration is not None
     ctl.close()
-    ctl, _ = make({"SPEC_CONTROLLER": "static:2", "SPEC_CONTROLLER_CALIBRATE": "1"})
+    ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_CALIBRATE": "0"})
+    assert ctl.source.calibration is None and ctl.choose(4) == 3
+    ctl.close()
+    ctl, _ = make({"SPEC_CONTROLLER": "static:2"})
     assert not hasattr(ctl.source, "calibration") and ctl.choose(4) == 2
     ctl.set_source(f"embedded:{path}")
     assert ctl.source.calibration is not None
