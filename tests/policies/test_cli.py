@@ -39,6 +39,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--min-gain applies to --algo hindsight" in capsys.readouterr().err
     assert main(["--trace", "traces", "--min-gain", "1.5"]) == 2
     assert "--min-gain must be in [0, 1)" in capsys.readouterr().err
+    assert main(["--trace", "traces", "--accept-thinning", "1"]) == 2
+    assert "--accept-thinning must be in [0, 1), got 1.0" in capsys.readouterr().err
     imported = tmp_path / "imp.jsonl"
     imported.write_text('{"type":"header","schema":"spec-trace/1","source":"imported","max_k":1,"widths":[1]}\n'
                         '{"type":"request","id":"a","arrival_s":0,"prompt_tokens":3,"output_tokens":4}\n')
