@@ -46,11 +46,9 @@ has ``min_steps`` clean steps; measured k's still within noise of the choice are
 ``max_steps`` clean steps, at that pace while they measure faster and only every
 ``refine_every`` steps while they measure slower (running a slightly slower k a third of the
 time costs more than the decision it would buy).  A neighbour found faster becomes the choice and
-its own neighbours are explored next (hill climbing in k).  Decisions are made against a
-bucket's *base*, the k the policy says most often there (decayed votes,
-:meth:`OnlineCalibration._base_of`), and a measured bucket runs the calibrated k for it while the
-policy's own k flickers.  The override needs the measured gain to exceed ``z`` standard errors
-and ``margin``; anything less keeps the policy's k, so noise cannot make the table flap.
+its own neighbours are explored next (hill climbing in k).  The override needs the measured gain
+to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
+cannot make the table flap.
 
 All of it runs on the controller's background thread (tens of microseconds per step); the step
 path still only indexes the table.
