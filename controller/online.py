@@ -127,12 +127,7 @@ class OnlineCalibration:
         self._full_at = 0
         self._steps_at = [0] * nb                     # clean steps per batch size, any k (uncapped)
         self._busiest = [m[0] if m else 0 for m in self.members]  # per bucket: the size with most of them
-        self._decided: dict[int, tuple] = {}          # bucket -> (base, policy's k) its decision was made for
-        # per bucket, decayed votes of the policy's k (one per step) and the base the decisions are
-        # made against: the policy's k may follow its noisy acceptance features from step to step
-        self._votes = [[0.0] * nk for _ in range(self.nbuckets)]
-        self._base = [-1] * self.nbuckets
-        self._voted_at = -1
+        self._decided: dict[int, int] = {}            # bucket -> the policy's k its decision was made for
         self.records = self.clean = self.explorations = self.explore_steps = 0
 
     def resume(self) -> None:
@@ -369,22 +364,6 @@ class OnlineCalibration:
                 pick, pick_n = k, n
         return pick
 
-    def _base_of(self, g: int, now: int, vote: bool) -> int:
-        """The policy's k that bucket g's decisions are made against: the k it has said most
-        often over its last ~100 steps (decayed votes), changed only when another k out-votes
-        it.  At batch 1 the policy's k follows its acceptance features, which a single step
-        moves (k = 4, 3, 2 in turn); comparing against each in turn left the calibration's
-        decision moving with it."""
-        v = self._votes[g]
-        if vote:
-            for i in range(len(v)):
-                v[i] *= 0.99
-            v[now] += 1.0
-        b = self._base[g]
-        if b < 0 or v[now] > v[b]:
-            b = self._base[g] = now
-        return b
-
     def _prior_of(self, g: int, prior: tuple[int, ...]) -> int:
         """The policy's k for bucket g: its k at the bucket's busiest batch size (by clean steps)."""
         b = self._busiest[g]
@@ -406,18 +385,14 @@ class OnlineCalibration:
                 self._full_at = self.records
             touched, self._touched = self._touched, set()
             ov, decided = self._override, self._decided
-            vote, self._voted_at = self.records != self._voted_at, self.records
             for g in range(1, top):
-                now = self._prior_of(g, prior)
-                p = self._base_of(g, now, vote)
-                if not full and g not in touched and decided.get(g) == (p, now):
+                p = self._prior_of(g, prior)
+                if not full and g not in touched and decided.get(g) == p:
                     continue
-                decided[g] = (p, now)
+                decided[g] = p
                 if self.seen[g] >= self.min_seen or any(self.cn[g]):
-                    # measured: the bucket runs the calibrated k for its base, steady while the
-                    # policy's own k flickers; unmeasured: the policy's k as it is now
-                    k = self.choose(g, p) if self.cn[g][p] >= self.min_steps else self.choose(g, now)
-                    if k != now:
+                    k = self.choose(g, p)
+                    if k != p:
                         ov[g] = k
                         continue
                 ov.pop(g, None)
@@ -448,7 +423,7 @@ class OnlineCalibration:
         cands = [g for g in (range(1, top) if only is None else only)
                  if g < top and self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
         for g in sorted(cands, key=lambda g: -self.seen[g]):
-            cur = self._override.get(g, self._base[g] if self._base[g] >= 0 else self._prior_of(g, prior))
+            cur = self._override.get(g, self._prior_of(g, prior))
             k = self._to_explore(g, cur)
             if k is not None:
                 # hold + 1 verifying steps: the first verifies the previous k, the last drafts the next one
