@@ -78,6 +78,15 @@ def bucket_of(b: int, ratio: float = 1.25) -> int:
     return 1 + math.ceil(math.log(b / 4) / math.log(ratio) - 1e-9)
 
 
+def _mean_se(sx: float, sxx: float, a: list[float]) -> tuple[float, float]:
+    """Mean per request of a quantity x from decayed sums ``sx`` = sum b*x and ``sxx`` = sum b*x^2
+    over the steps whose decayed step and request counts are ``a[0]`` and ``a[1]``, and its
+    standard error (requests within a step taken as independent)."""
+    m = sx / a[1]
+    per_request_var = max(sxx - m * m * a[1], 0.0) / a[0]  # E[b (x - m)^2] = var of one request
+    return m, math.sqrt(per_request_var / a[1])
+
+
 class OnlineCalibration:
     """Measured decode rates per (batch-size bucket, k) that override a policy's table (module docstring)."""
 
@@ -214,9 +223,7 @@ class OnlineCalibration:
         a = self.acc[k]
         if k == 0 or a[0] < 2:
             return 0.0 if k == 0 else math.inf
-        m = a[2] / a[1]
-        per_request_var = max(a[3] - m * m * a[1], 0.0) / a[0]  # E[b (x - m)^2] = var of one request
-        return math.sqrt(per_request_var / a[1])
+        return _mean_se(a[2], a[3], a)[1]
 
     def cut_loss(self, k: int, j: int) -> tuple[float, float] | None:
         """(mean, standard error) of the tokens per request and step that k's steps accepted at
@@ -226,8 +233,7 @@ class OnlineCalibration:
         if not 0 < j < k or a[0] < 2:
             return None
         c = self.cut[k][j]
-        m = c[0] / a[1]
-        return m, math.sqrt(max(c[1] - m * m * a[1], 0.0) / a[0] / a[1])
+        return _mean_se(c[0], c[1], a)
 
     def _fit(self, g: int) -> tuple[float, float, float]:
         """The bucket's common slope of step ms in b (its variance) and the reference batch size.
@@ -283,7 +289,13 @@ class OnlineCalibration:
             return None
         return fit[2] * (1.0 + a) / t[0], math.hypot(t[1], self.accept_se(k) / (1.0 + a))
 
-    def _gains(self, g: int, k: int, base: int, fit) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    def _ref(self, g: int, base: int, fit) -> tuple:
+        """What :meth:`_gains` needs of ``base`` in bucket g (its rate, step time and acceptance),
+        computed once for all the contenders compared with it."""
+        return self.rate(g, base, fit), self._time(g, base, fit), self.accept(base)
+
+    def _gains(self, g: int, k: int, base: int, fit, ref: tuple) -> tuple[tuple[float, float] | None,
+                                                                            tuple[float, float] | None]:
         """Two estimates of k's gain in rate over ``base`` in bucket g, held and cut, each
         (gain, standard error) or None where it cannot be made.
 
@@ -295,13 +307,13 @@ class OnlineCalibration:
         more often; module docstring: 8-10% at k = 1 from k = 4), so it can only understate
         what shortening gains: it may call a shorter k faster, never a longer one."""
         held = cut = None
-        r, r0 = self.rate(g, k, fit), self.rate(g, base, fit)
+        r0, t0, a0 = ref
+        r = self.rate(g, k, fit)
         if r is not None and r0 is not None:
             held = (r[0] / r0[0] - 1.0, math.hypot(r[1], r0[1]))
-        if 0 < k < base and (loss := self.cut_loss(base, k)) is not None:
-            t, t0 = self._time(g, k, fit), self._time(g, base, fit)
-            a0 = self.accept(base)
-            if t is not None and t0 is not None and a0 is not None:
+        if 0 < k < base and t0 is not None and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
+            t = self._time(g, k, fit)
+            if t is not None:
                 a = a0 - loss[0]
                 cut = ((1.0 + a) / (1.0 + a0) * t0[0] / t[0] - 1.0, math.hypot(t[1], t0[1], loss[1] / (1.0 + a)))
         return held, cut
@@ -320,13 +332,14 @@ class OnlineCalibration:
         """The calibrated k in bucket g: the k whose gain over the policy's k is the largest of
         those that beat it (by any estimate, :meth:`_gains`), else the policy's."""
         fit = self._fit(g)
-        if self._time(g, prior_k, fit) is None:
+        ref = self._ref(g, prior_k, fit)
+        if ref[1] is None:
             return prior_k
         best, best_gain = prior_k, 0.0
         for k in range(self.max_k + 1):
             if k == prior_k:
                 continue
-            won = [e[0] for e in self._gains(g, k, prior_k, fit) if e is not None and self._beats(*e)]
+            won = [e[0] for e in self._gains(g, k, prior_k, fit, ref) if e is not None and self._beats(*e)]
             if won and max(won) > best_gain:
                 best, best_gain = k, max(won)
         return best
@@ -342,6 +355,7 @@ class OnlineCalibration:
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)
+        ref = self._ref(g, cur, fit)
         pick, pick_n = None, None
         for k in range(self.max_k + 1):
             if k == cur:
@@ -350,7 +364,7 @@ class OnlineCalibration:
             if abs(k - cur) == 1 and n < self.min_steps:
                 want = True
             elif self.min_steps <= n < self.max_steps:
-                held, cut = self._gains(g, k, cur, fit)
+                held, cut = self._gains(g, k, cur, fit, ref)
                 est = [e for e in (held, cut) if e is not None]
                 # within noise: no estimate says k wins and the unbiased (held) one does not say
                 # it loses; and some estimate still lets it win
