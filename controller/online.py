@@ -45,7 +45,9 @@ are run in holds of ``hold`` steps, at most once every ``explore_every`` steps t
 has ``min_steps`` clean steps; measured k's still within noise of the choice are run again, up to
 ``max_steps`` clean steps, at that pace while they measure faster and only every
 ``refine_every`` steps while they measure slower (running a slightly slower k a third of the
-time costs more than the decision it would buy).  A neighbour found faster becomes the choice and
+time costs more than the decision it would buy), and only while ``max_steps`` could decide the
+comparison (``resolve``: at batch 1 held acceptance cannot rank k's a few per cent apart in
+hundreds of steps, so there only the cut estimate, or a large measured gain, earns refining).  A neighbour found faster becomes the choice and
 its own neighbours are explored next (hill climbing in k).  The override needs the measured gain
 to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
 cannot make the table flap.
@@ -92,8 +94,8 @@ class OnlineCalibration:
 
     def __init__(self, max_k: int, max_num_seqs: int, *, min_seen: int = 24,
                  min_steps: int = 12, max_steps: int = 128, hold: int = 6, explore_every: int = 12,
-                 refine_every: int = 60, z: float = 2.0, margin: float = 0.005, cap: int = 256,
-                 accept_decay: float = 0.998):
+                 refine_every: int = 60, z: float = 2.0, margin: float = 0.005, resolve: float = 0.04,
+                 min_requests: int = 64, cap: int = 256, accept_decay: float = 0.998):
         if max_k < 1 or max_num_seqs < 1:
             raise ValueError(f"need max_k >= 1 and max_num_seqs >= 1, got {max_k} and {max_num_seqs}")
         if not (1 <= min_steps <= max_steps <= cap) or hold < 2 or explore_every < 1 or min_seen < 1:
@@ -104,10 +106,13 @@ class OnlineCalibration:
                              "a contender within noise is re-run more rarely than an untried neighbour")
         if not 0 < accept_decay <= 1:
             raise ValueError(f"accept_decay must be in (0, 1], got {accept_decay}")
+        if not resolve > 0:
+            raise ValueError(f"resolve must be > 0 (the gain max_steps must be able to tell apart), got {resolve}")
         self.max_k, self.max_num_seqs = max_k, max_num_seqs
         self.min_seen, self.min_steps, self.max_steps, self.hold = min_seen, min_steps, max_steps, hold
         self.explore_every, self.refine_every = explore_every, refine_every
-        self.z, self.margin, self.cap, self.decay = z, margin, cap, accept_decay
+        self.z, self.margin, self.resolve, self.cap, self.decay = z, margin, resolve, cap, accept_decay
+        self.min_requests = min_requests
         nb, nk = max_num_seqs + 1, max_k + 1
         self.bucket = [bucket_of(b) if b else 0 for b in range(nb)]
         self.nbuckets = self.bucket[-1] + 1
@@ -294,6 +299,15 @@ class OnlineCalibration:
         computed once for all the contenders compared with it."""
         return self.rate(g, base, fit), self._time(g, base, fit), self.accept(base)
 
+    def _trusted(self, k: int) -> bool:
+        """Whether k's acceptance (held, and cut from its steps) rests on enough decoding requests
+        (``min_requests``) for its standard error to mean something.  A few dozen batch-1 steps
+        do not: a step accepts 0..k, mostly 0 at the later positions, and the sample's own
+        spread understates the error.  In a simulated batch-1 run a lucky dozen steps measured
+        k = 2 30% faster than k = 3 at two of its standard errors (5% slower in truth), and 34
+        steps of k = 4 cut to 2 drafts measured k = 2 7% faster than k = 4 (2.5% slower)."""
+        return k == 0 or self.acc[k][1] >= self.min_requests
+
     def _gains(self, g: int, k: int, base: int, fit, ref: tuple) -> tuple[tuple[float, float] | None,
                                                                             tuple[float, float] | None]:
         """Two estimates of k's gain in rate over ``base`` in bucket g, held and cut, each
@@ -308,10 +322,11 @@ class OnlineCalibration:
         what shortening gains: it may call a shorter k faster, never a longer one."""
         held = cut = None
         r0, t0, a0 = ref
-        r = self.rate(g, k, fit)
+        r = self.rate(g, k, fit) if self._trusted(k) and self._trusted(base) else None
         if r is not None and r0 is not None:
             held = (r[0] / r0[0] - 1.0, math.hypot(r[1], r0[1]))
-        if 0 < k < base and t0 is not None and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
+        if (0 < k < base and t0 is not None and a0 is not None and self._trusted(base)
+                and (loss := self.cut_loss(base, k)) is not None):
             t = self._time(g, k, fit)
             if t is not None:
                 a = a0 - loss[0]
@@ -328,21 +343,45 @@ class OnlineCalibration:
         errors up, does): refining a k that cannot is spending steps on a decision already made."""
         return gain + self.z * se > self.margin
 
+    def _resolvable(self, gain: float, se: float, n: int) -> bool:
+        """Whether refining to ``max_steps`` clean steps can decide a gain: its standard error,
+        shrunk as 1/sqrt(steps) from ``n`` to ``max_steps``, times z, is within ``resolve`` (or
+        within the gain measured so far, when that is larger).  At batch 1 a held estimate cannot:
+        a step accepts 0..k tokens, and after 128 steps a rate still has ~5% standard error, so
+        k's a few per cent apart stay within noise however long they are refined; each refining
+        hold there runs a k that is most likely slower (bench_engine, concurrency 1: holds on k = 2
+        and 4 next to k = 3 took 10-20% of the steps, each 1-4% slower).  The policy's k stands."""
+        return self.z * se * math.sqrt(n / self.max_steps) <= max(self.resolve, gain)
+
     def choose(self, g: int, prior_k: int) -> int:
-        """The calibrated k in bucket g: the k whose gain over the policy's k is the largest of
-        those that beat it (by any estimate, :meth:`_gains`), else the policy's."""
+        """The calibrated k in bucket g: from the policy's k, step to the k whose gain over the
+        current one is the largest of those that beat it (by any estimate, :meth:`_gains`), and
+        again from there while some k beats the new one; the policy's k where none does.
+
+        Each step compares with the k it stands on, not with the policy's: once the policy's k
+        has lost, its own steps stop (exploration goes next to the current k), and ranking the
+        others by their gains over it would read the order of the two best off its noise
+        (batch 4, k = 1 2% faster than k = 2, both far ahead of the policy's k = 3: k = 1 vs 2
+        is decided on their own steps, k = 1 vs 3 and 2 vs 3 are within k = 3's noise of each
+        other)."""
         fit = self._fit(g)
-        ref = self._ref(g, prior_k, fit)
-        if ref[1] is None:
-            return prior_k
-        best, best_gain = prior_k, 0.0
-        for k in range(self.max_k + 1):
-            if k == prior_k:
-                continue
-            won = [e[0] for e in self._gains(g, k, prior_k, fit, ref) if e is not None and self._beats(*e)]
-            if won and max(won) > best_gain:
-                best, best_gain = k, max(won)
-        return best
+        cur, seen = prior_k, {prior_k}
+        for _ in range(self.max_k + 1):
+            ref = self._ref(g, cur, fit)
+            if ref[1] is None:
+                break
+            best, best_gain = cur, 0.0
+            for k in range(self.max_k + 1):
+                if k in seen:
+                    continue
+                won = [e[0] for e in self._gains(g, k, cur, fit, ref) if e is not None and self._beats(*e)]
+                if won and max(won) > best_gain:
+                    best, best_gain = k, max(won)
+            if best == cur:
+                break
+            cur = best
+            seen.add(cur)
+        return cur
 
     def _to_explore(self, g: int, cur: int) -> int | None:
         """The k to explore next in bucket g (fewest clean steps first), or None.
@@ -351,7 +390,8 @@ class OnlineCalibration:
         faster so far, are due every ``explore_every`` steps; k's within noise that measure slower
         only every ``refine_every`` (each hold costs little, but deciding a gap of a per cent
         takes many holds, and those would otherwise take a third of the bucket's steps), and
-        only while they could still beat it."""
+        only while they could still beat it and refining them to ``max_steps`` could tell
+        (:meth:`_resolvable`)."""
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)
@@ -370,7 +410,7 @@ class OnlineCalibration:
                 # it loses; and some estimate still lets it win
                 want = (bool(est) and not any(self._beats(*e) for e in est)
                         and not (held is not None and self._beats(-held[0], held[1]))
-                        and any(self._could_beat(*e) for e in est)
+                        and any(self._could_beat(*e) and self._resolvable(*e, n) for e in est)
                         and (max(e[0] for e in est) > 0 or self.since[g] >= self.refine_every))
             else:
                 want = False

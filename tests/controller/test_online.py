@@ -247,3 +247,21 @@ def test_batch_one_picks_the_shorter_k_from_the_longer_ks_own_steps(k4_ms, want)
         table, ks = run(cal, eng, (0,) + (4,) * 8, 2400, batch=lambda i: 1)
         assert table[1] == want, seed
         assert ks[-800:].count(want) / 800 > 0.9, seed
+
+
+def test_batch_one_does_not_refine_what_max_steps_could_not_decide():
+    # batch 1, the policy's k = 3 right (tiny pair's step times at c = 1, acceptance 0.5 per
+    # position): k = 4 2.2% and k = 2 4.6% slower.  A step accepts 0..k, so held rates after
+    # max_steps steps still carry ~5% standard error: refining either neighbour cannot decide
+    # anything and only runs a slower k.  After their first measurement they are left alone.
+    ms = {0: 31.5, 1: 32.87, 2: 33.87, 3: 34.61, 4: 36.57}
+    for seed in range(4):
+        eng = LaggedEngine(lambda b, k: ms[k], lambda b, k: 0.0, alpha=0.5, noise=0.04, seed=seed)
+        rates = {k: expected_rate(eng, 1, k) for k in range(5)}
+        assert max(rates, key=rates.get) == 3 and 0.97 < rates[4] / rates[3] < 0.985
+        cal = OnlineCalibration(max_k=4, max_num_seqs=8)
+        table, ks = run(cal, eng, (0,) + (3,) * 8, 3000, batch=lambda i: 1)
+        assert table[1] == 3, seed
+        assert cal.explorations >= 2  # both neighbours measured once
+        off = sum(k != 3 for k in ks[300:])
+        assert off <= 4 * (cal.hold + 2), (seed, off, cal.cn[1])
