@@ -20,6 +20,13 @@ Every feature lies in ``[0, 1]``:
                     while speculation is off)
 ==================  ===========================================================
 
+With ``FeatureSpec.accept_trials = n`` (what training sets, ``envs.SpecDecodeEnv``) the two
+acceptance EMAs weigh a step by its trials, ``1 - (1 - 1/n)^trials``, so they average over about
+the last n drafted tokens at any batch size.  Per step (``ema``, ``accept_trials = 0``) they
+averaged ten steps: ~25 trials at batch 1, where the EMA then swung over 0.2-0.7 around a mean of
+0.5, and a policy whose batch-1 k follows alpha (1 below 0.2, 2-3 at 0.3, 3 at 0.4, 4 from 0.5)
+ran k = 1..4 in turn where k = 3 alone was fastest (``bench/bench_engine.py``, concurrency 1).
+
 The state also keeps an EMA of committed tokens per ms (the env's ``rate`` reward reads it), but
 it is not observed, and neither are the step time, the last step's k and width, or how long ago
 the last speculative step was: all of them move with the k the policy itself chooses, and in the
@@ -57,6 +64,8 @@ class FeatureSpec:
     token_budget: int = 4096
     ema: float = 0.1            # weight of the newest step in the EMAs
     accept_prior: float = 0.6   # acceptance assumed before any speculative step was seen
+    accept_trials: int = 0      # > 0: the acceptance EMAs average over about this many drafted
+                                # tokens (trials), not ``1 / ema`` steps (0: per step, as before)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,9 +96,12 @@ class FeatureState:
         accepted = sum(accepted_per_pos) if k else 0
         if k and drafts:
             trials = drafts + accepted - (accepted_per_pos[-1] if accepted_per_pos else 0)
+            n = self.spec.accept_trials
             if trials > 0:
-                self.alpha += a * (accepted / trials - self.alpha)
-            self.accept0 += a * (accepted_per_pos[0] / drafts - self.accept0)
+                w = 1.0 - (1.0 - 1.0 / n) ** trials if n else a
+                self.alpha += w * (accepted / trials - self.alpha)
+            w = 1.0 - (1.0 - 1.0 / n) ** drafts if n else a
+            self.accept0 += w * (accepted_per_pos[0] / drafts - self.accept0)
         if step_ms > 0:
             c = batch_size + accepted if committed_tokens is None else committed_tokens
             self.tok_per_ms += a * (c / step_ms - self.tok_per_ms)

@@ -50,7 +50,10 @@ comparison (``resolve``: at batch 1 held acceptance cannot rank k's a few per ce
 hundreds of steps, so there only the cut estimate, or a large measured gain, earns refining).  A neighbour found faster becomes the choice and
 its own neighbours are explored next (hill climbing in k).  The override needs the measured gain
 to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
-cannot make the table flap.
+cannot make the table flap.  The decision climbs the same way (:meth:`OnlineCalibration.choose`:
+from the policy's k to the k that beats it most, then on while another beats that one), and an
+acceptance counts only once it rests on ``min_requests`` decoding requests (a few dozen batch-1
+steps understate their own standard error).
 
 All of it runs on the controller's background thread (tens of microseconds per step); the step
 path still only indexes the table.
@@ -108,6 +111,9 @@ class OnlineCalibration:
             raise ValueError(f"accept_decay must be in (0, 1], got {accept_decay}")
         if not resolve > 0:
             raise ValueError(f"resolve must be > 0 (the gain max_steps must be able to tell apart), got {resolve}")
+        if min_requests < 1:
+            raise ValueError(f"min_requests must be >= 1 (decoding requests before an acceptance counts), "
+                             f"got {min_requests}")
         self.max_k, self.max_num_seqs = max_k, max_num_seqs
         self.min_seen, self.min_steps, self.max_steps, self.hold = min_seen, min_steps, max_steps, hold
         self.explore_every, self.refine_every = explore_every, refine_every

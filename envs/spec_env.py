@@ -51,6 +51,10 @@ import numpy as np
 
 from controller.actions import ActionSet
 from controller.features import N_FEATURES, FeatureSpec, FeatureState, observe
+
+# the acceptance features average over about this many drafted tokens (controller.features): at
+# batch 1 about 60 steps, at batch 16 with k = 1 about 10 (the per-step EMA's window there)
+ACCEPT_TRIALS = 150
 from envs.scenario import Scenario
 from envs.simulator import Simulator
 
@@ -97,7 +101,8 @@ class SpecDecodeEnv(gym.Env):
         self._kw = [self.actions.actions[j] for j in self._action_table]
         self.feature_spec = FeatureSpec(max_num_seqs=cfg.max_num_seqs, max_k=cfg.max_k,
                                         max_width=max(self.actions.widths), token_budget=cfg.max_num_batched_tokens,
-                                        accept_prior=float(np.clip(scenario.acceptance.p[0], 0.05, 0.95)))
+                                        accept_prior=float(np.clip(scenario.acceptance.p[0], 0.05, 0.95)),
+                                        accept_trials=ACCEPT_TRIALS)
         self.action_space = gym.spaces.Discrete(self.actions.n)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self.features = FeatureState(self.feature_spec)

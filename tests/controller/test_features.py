@@ -29,6 +29,38 @@ def test_acceptance_ema_tracks_per_position_rate_and_holds_while_off():
     assert o[FEATURE_NAMES.index("alpha")] == pytest.approx(2 / 3, abs=1e-3)  # held while off
 
 
+def test_acceptance_emas_average_over_trials_so_batch_one_is_as_steady_as_batch_sixteen():
+    """With accept_trials the acceptance EMAs weigh each step by its drafted tokens: batch 1 (a
+    step accepts 0..k, ~2.5 trials) and batch 16 fed the same Bernoulli acceptance swing alike,
+    where per step the batch-1 EMA swung four times as far; the long-run mean is the same."""
+    import random
+
+    def spread(spec, b, steps=6000, p=0.5, k=3, seed=0):
+        rng = random.Random(seed)
+        st, seen = FeatureState(spec), []
+        for i in range(steps):
+            per_pos = [0] * k
+            for _ in range(b):
+                for j in range(k):
+                    if rng.random() >= p:
+                        break
+                    per_pos[j] += 1
+            st.update(b, k, 1, b, per_pos, 30.0)
+            if i >= 500:
+                seen.append(st.alpha)
+        return float(np.mean(seen)), float(np.std(seen))
+
+    per_trial = FeatureSpec(max_k=4, accept_trials=150)
+    m1, s1 = spread(per_trial, 1)
+    m16, s16 = spread(per_trial, 16)
+    assert m1 == pytest.approx(0.5, abs=0.03) and m16 == pytest.approx(0.5, abs=0.03)
+    assert s1 < 0.06 and s1 / s16 < 1.6  # ~150 trials behind the estimate at either batch size
+    _, s1_step = spread(FeatureSpec(max_k=4), 1)
+    assert s1_step > 2 * s1  # per step: ~25 trials at batch 1
+    spec = FeatureSpec(max_k=4, accept_trials=150)
+    assert FeatureSpec(**spec.to_dict()) == spec and FeatureSpec().accept_trials == 0  # older artifacts: per step
+
+
 def test_the_observation_ignores_what_only_the_policys_own_choices_move():
     """Step time, tokens per ms and the last k / width follow the chosen k; observed, a policy learned
     habits from them (module docstring).  Two states whose last steps differ in k, width and step time

@@ -157,6 +157,10 @@ def test_bad_parameters_name_the_constraint():
         OnlineCalibration(max_k=2, max_num_seqs=8, hold=1)
     with pytest.raises(ValueError, match="accept_decay"):
         OnlineCalibration(max_k=2, max_num_seqs=8, accept_decay=0.0)
+    with pytest.raises(ValueError, match="resolve must be > 0"):
+        OnlineCalibration(max_k=2, max_num_seqs=8, resolve=0.0)
+    with pytest.raises(ValueError, match="min_requests must be >= 1"):
+        OnlineCalibration(max_k=2, max_num_seqs=8, min_requests=0)
 
 
 def test_batch_sizes_close_together_share_measurements_and_the_decision():
