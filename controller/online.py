@@ -47,8 +47,9 @@ has ``min_steps`` clean steps; measured k's still within noise of the choice are
 ``refine_every`` steps while they measure slower (running a slightly slower k a third of the
 time costs more than the decision it would buy), and only while ``max_steps`` could decide the
 comparison (``resolve``: at batch 1 held acceptance cannot rank k's a few per cent apart in
-hundreds of steps, so there only the cut estimate, or a large measured gain, earns refining).  A neighbour found faster becomes the choice and
-its own neighbours are explored next (hill climbing in k).  The override needs the measured gain
+hundreds of steps, so there only the cut estimate, or a large measured gain, earns refining).
+A neighbour found faster becomes the choice and its own neighbours are explored next (hill
+climbing in k).  The override needs the measured gain
 to exceed ``z`` standard errors and ``margin``; anything less keeps the policy's k, so noise
 cannot make the table flap.  The decision climbs the same way (:meth:`OnlineCalibration.choose`:
 from the policy's k to the k that beats it most, then on while another beats that one), and an
@@ -302,8 +303,11 @@ class OnlineCalibration:
 
     def _ref(self, g: int, base: int, fit) -> tuple:
         """What :meth:`_gains` needs of ``base`` in bucket g (its rate, step time and acceptance),
-        computed once for all the contenders compared with it."""
-        return self.rate(g, base, fit), self._time(g, base, fit), self.accept(base)
+        computed once for all the contenders compared with it; rate and acceptance None while
+        ``base``'s acceptance is not :meth:`_trusted` (then neither estimate can be made)."""
+        trusted = self._trusted(base)
+        return (self.rate(g, base, fit) if trusted else None, self._time(g, base, fit),
+                self.accept(base) if trusted else None)
 
     def _trusted(self, k: int) -> bool:
         """Whether k's acceptance (held, and cut from its steps) rests on enough decoding requests
@@ -328,11 +332,10 @@ class OnlineCalibration:
         what shortening gains: it may call a shorter k faster, never a longer one."""
         held = cut = None
         r0, t0, a0 = ref
-        r = self.rate(g, k, fit) if self._trusted(k) and self._trusted(base) else None
-        if r is not None and r0 is not None:
+        r = self.rate(g, k, fit) if r0 is not None and self._trusted(k) else None
+        if r is not None:
             held = (r[0] / r0[0] - 1.0, math.hypot(r[1], r0[1]))
-        if (0 < k < base and t0 is not None and a0 is not None and self._trusted(base)
-                and (loss := self.cut_loss(base, k)) is not None):
+        if 0 < k < base and t0 is not None and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
             t = self._time(g, k, fit)
             if t is not None:
                 a = a0 - loss[0]

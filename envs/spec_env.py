@@ -51,12 +51,12 @@ import numpy as np
 
 from controller.actions import ActionSet
 from controller.features import N_FEATURES, FeatureSpec, FeatureState, observe
+from envs.scenario import Scenario
+from envs.simulator import Simulator
 
 # the acceptance features average over about this many drafted tokens (controller.features): at
 # batch 1 about 60 steps, at batch 16 with k = 1 about 10 (the per-step EMA's window there)
 ACCEPT_TRIALS = 150
-from envs.scenario import Scenario
-from envs.simulator import Simulator
 
 REWARDS = ("latency", "rate", "goodput")
 
