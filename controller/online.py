@@ -40,6 +40,17 @@ estimate clearing the bar decides (:meth:`OnlineCalibration._gains`).  On the ti
 batch 1, k = 3 is 3% faster than the policy's k = 4 end to end: the cut estimate settles that
 in a few hundred steps, held acceptance not in the thousands a benchmark gives it.
 
+At batch 1 a third estimate replaces both once it can be made: :class:`Batch1Stream` walks one
+chain per k over the same stream of tokens (a step there is one request's, and a greedy
+drafter's proposal for a position depends only on the tokens before it), so the k's are compared
+on the very same requests and positions, and step times are compared step by step with the
+nearest steps of the other k (``pair_window`` records), so that drift in the machine's speed
+moves both sides alike (:meth:`OnlineCalibration._stream_gain`).  It needs ``stream_chunks``
+chunks of the stream and ``min_context`` positions seen after as many matched drafts as the
+longer k reads; only that k's own steps show those, so until then it is explored (up to
+``max_steps`` clean steps).  Off for ``ngram`` (``stream=False``): its proposal can depend on
+where its step started.
+
 Exploration: in a bucket seen at least ``min_seen`` times, the k's next to the current choice
 are run in holds of ``hold`` steps, at most once every ``explore_every`` steps there, until each
 has ``min_steps`` clean steps; measured k's still within noise of the choice are run again, up to
@@ -67,9 +78,10 @@ path still only indexes the table.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
-__all__ = ["OnlineCalibration", "bucket_of"]
+__all__ = ["Batch1Stream", "OnlineCalibration", "bucket_of"]
 
 
 def bucket_of(b: int, ratio: float = 1.25) -> int:
@@ -93,13 +105,170 @@ def _mean_se(sx: float, sxx: float, a: list[float]) -> tuple[float, float]:
     return m, math.sqrt(per_request_var / a[1])
 
 
+class Batch1Stream:
+    """Batch-1 acceptance as one token stream, and the steps every k takes over the same tokens.
+
+    At batch size 1 a step's ``accepted_per_pos`` belongs to one request, and with greedy
+    drafting the draft's proposal for a position depends only on the tokens before it (the
+    target's, once accepted), so the run of steps is a function of one bit per output token:
+    ``m_i`` = whether the draft's proposal for position i matches the target's token.  A step
+    that verified n drafts and accepted a of them shows ``m = 1`` for a positions, then ``m = 0``
+    if a < n; when all n were accepted the next position (the target's bonus token) was never
+    proposed and stays unknown.  Unknown positions are drawn once, when they arrive, from the
+    stream's own run-length statistics (``P(m = 1 | j known ones before it)``, counted where
+    the context is known), and then one chain per k walks the same stream: its step count over
+    a stretch of tokens is what k would have taken to write them.  Every k is so compared on
+    the very same requests and positions: no between-request noise (what held rates at batch 1
+    drown in) and no stretch bias (what a longer k's steps cut to fewer drafts carry).  What
+    remains is the imputation at unknown positions (~10% of them), which favours the k that
+    ran: its own chain never reads them.
+
+    Per ``chunk`` positions it keeps each k's step count, exponentially forgotten over chunks
+    (``decay``), and :meth:`tokens_ratio` gives the ratio of tokens per step of two k's with a
+    standard error from the chunks' spread.
+
+        >>> st = Batch1Stream(max_k=2, chunk=4)
+        >>> for _ in range(8):
+        ...     st.step(2, 1)         # each step: 2 drafts, the first accepted (m = 1, 0)
+        >>> st.positions, [round(x, 2) for x in st.steps_per_chunk()]
+        (16, [4.0, 2.0, 2.0])
+    """
+
+    def __init__(self, max_k: int, chunk: int = 64, decay: float = 0.99, seed: int = 0):
+        if max_k < 1 or chunk < 1 or not 0 < decay <= 1:
+            raise ValueError(f"need max_k >= 1, chunk >= 1 and decay in (0, 1], got {max_k}, {chunk}, {decay}")
+        self.max_k, self.chunk, self.decay = max_k, chunk, decay
+        self._rng = random.Random(seed)
+        nk = max_k + 1
+        self.ones = [0.0] * nk      # m = 1 after j known ones (j capped at max_k), known context only
+        self.trials = [0.0] * nk
+        self._ctx: int | None = 0   # known ones since the last known 0 (None: an unknown since)
+        self._run = 0               # ones, imputed included, before the next position
+        self._buf: list[int] = []   # this segment's positions from index self._base on
+        self._base = 0
+        self._start = [0] * nk      # per k: the segment index its next step starts at
+        self._cnt = [0] * nk        # per k: steps completed in the open chunk
+        self._in_chunk = 0          # positions in the open chunk
+        self.w = 0.0                # decayed chunk count, and per k the sums of steps and products
+        self.s = [0.0] * nk
+        self.ss = [[0.0] * nk for _ in range(nk)]
+        self.chunks = 0
+        self.positions = 0
+
+    # ------------------------------------------------------------------ feeding
+    def step(self, drafts: int, accepted: int) -> None:
+        """One decode step of the one running request: ``drafts`` draft tokens verified,
+        ``accepted`` of them accepted (0 drafts: a step without speculation, one unknown)."""
+        accepted = max(0, min(accepted, drafts))
+        for _ in range(accepted):
+            self._push(1)
+        self._push(0 if accepted < drafts else None)
+
+    def brk(self) -> None:
+        """The end of a stretch of one request's decode steps (a prefill, another batch size, a
+        gap): every chain finishes its last step, the next positions start afresh."""
+        if not self._buf:
+            return
+        end = self._base + len(self._buf)
+        for k in range(self.max_k + 1):
+            self._walk(k, end, final=True)
+        self._close_chunk()
+        self._buf, self._base = [], 0
+        self._start = [0] * (self.max_k + 1)
+        self._ctx, self._run = 0, 0
+
+    def _q(self, j: int) -> float:
+        """P(m = 1) after j ones: the counted rate at the context, else at the longest counted one below."""
+        j = min(j, self.max_k)
+        while j > 0 and self.trials[j] < 4:
+            j -= 1
+        t = self.trials[j]
+        return self.ones[j] / t if t >= 4 else 0.5
+
+    def _push(self, x: int | None) -> None:
+        ctx = self._ctx
+        if x is not None:
+            c = min(self._run if ctx is None else ctx, self.max_k)
+            self.trials[c] += 1.0
+            self.ones[c] += x
+        self._ctx = None if x is None else (0 if x == 0 else (None if ctx is None else ctx + 1))
+        v = x if x is not None else int(self._rng.random() < self._q(self._run))
+        self._run = self._run + 1 if v else 0
+        self._buf.append(v)
+        self.positions += 1
+        self._in_chunk += 1
+        end = self._base + len(self._buf)
+        for k in range(self.max_k + 1):
+            self._walk(k, end, final=False)
+        if self._in_chunk >= self.chunk:
+            self._close_chunk()
+        low = min(self._start)
+        if low - self._base > 256:  # drop what every chain has walked past
+            del self._buf[:low - self._base]
+            self._base = low
+
+    def _walk(self, k: int, end: int, final: bool) -> None:
+        s, buf, base = self._start[k], self._buf, self._base
+        while s < end:
+            j = 0
+            while j < k and s + j < end and buf[s + j - base]:
+                j += 1
+            if j < k and s + j >= end:  # the step's drafts run past what arrived
+                if final:
+                    self._cnt[k] += 1
+                    s = end
+                break
+            self._cnt[k] += 1
+            s += j + 1
+        self._start[k] = s
+
+    def _close_chunk(self) -> None:
+        if not self._in_chunk:
+            return
+        d, cnt = self.decay, self._cnt
+        self.w = self.w * d + 1.0
+        for a in range(self.max_k + 1):
+            self.s[a] = self.s[a] * d + cnt[a]
+            row = self.ss[a]
+            for b in range(self.max_k + 1):
+                row[b] = row[b] * d + cnt[a] * cnt[b]
+        for j in range(self.max_k + 1):
+            self.ones[j] *= d
+            self.trials[j] *= d
+        self._cnt = [0] * (self.max_k + 1)
+        self._in_chunk = 0
+        self.chunks += 1
+
+    # ------------------------------------------------------------------ estimates
+    def steps_per_chunk(self) -> list[float]:
+        """Each k's mean steps per (closed) chunk."""
+        return [x / self.w if self.w else 0.0 for x in self.s]
+
+    def context_trials(self, j: int) -> float:
+        """Positions counted after j or more ones (forgotten as the chunks are)."""
+        return sum(self.trials[min(j, self.max_k):])
+
+    def tokens_ratio(self, k: int, base: int) -> tuple[float, float] | None:
+        """(tokens per step at k / at ``base``, its standard error) over the same positions:
+        the ratio of ``base``'s steps to k's; None before two chunks."""
+        if self.chunks < 2 or self.s[k] <= 0 or self.s[base] <= 0:
+            return None
+        r = self.s[base] / self.s[k]
+        # delta method over chunks: var(sum b - r sum k) / (sum k)^2, from the decayed sums
+        resid = self.ss[base][base] - 2.0 * r * self.ss[base][k] + r * r * self.ss[k][k]
+        n = self.w
+        var = max(resid, 0.0) / (self.s[k] ** 2) * (n / max(n - 1.0, 1.0))
+        return r, math.sqrt(var)
+
+
 class OnlineCalibration:
     """Measured decode rates per (batch-size bucket, k) that override a policy's table (module docstring)."""
 
     def __init__(self, max_k: int, max_num_seqs: int, *, min_seen: int = 24,
                  min_steps: int = 12, max_steps: int = 128, hold: int = 6, explore_every: int = 12,
                  refine_every: int = 60, z: float = 2.0, margin: float = 0.005, resolve: float = 0.04,
-                 min_requests: int = 64, cap: int = 256, accept_decay: float = 0.998):
+                 min_requests: int = 64, cap: int = 256, accept_decay: float = 0.998,
+                 stream: bool = True, stream_chunks: int = 8, min_context: int = 32, pair_window: int = 16):
         if max_k < 1 or max_num_seqs < 1:
             raise ValueError(f"need max_k >= 1 and max_num_seqs >= 1, got {max_k} and {max_num_seqs}")
         if not (1 <= min_steps <= max_steps <= cap) or hold < 2 or explore_every < 1 or min_seen < 1:
@@ -115,6 +284,9 @@ class OnlineCalibration:
         if min_requests < 1:
             raise ValueError(f"min_requests must be >= 1 (decoding requests before an acceptance counts), "
                              f"got {min_requests}")
+        if stream_chunks < 2 or min_context < 1 or pair_window < 1:
+            raise ValueError(f"need stream_chunks >= 2, min_context >= 1 and pair_window >= 1 (batch-1 stream), "
+                             f"got {stream_chunks}, {min_context} and {pair_window}")
         self.max_k, self.max_num_seqs = max_k, max_num_seqs
         self.min_seen, self.min_steps, self.max_steps, self.hold = min_seen, min_steps, max_steps, hold
         self.explore_every, self.refine_every = explore_every, refine_every
@@ -149,6 +321,12 @@ class OnlineCalibration:
         self._steps_at = [0] * nb                     # clean steps per batch size, any k (uncapped)
         self._busiest = [m[0] if m else 0 for m in self.members]  # per bucket: the size with most of them
         self._decided: dict[int, int] = {}            # bucket -> the policy's k its decision was made for
+        # batch 1: the acceptance stream (every k's steps over the same tokens) and step times
+        # paired with the nearest other k's (decayed n, sum d, sum d^2 of d = log T_i - log T_j)
+        self.stream = Batch1Stream(max_k) if stream else None
+        self.stream_chunks, self.min_context, self.pair_window = stream_chunks, min_context, pair_window
+        self._last_t: list[tuple[int, float] | None] = [None] * nk
+        self.tpair = [[[0.0, 0.0, 0.0] for _ in range(nk)] for _ in range(nk)]
         self.records = self.clean = self.explorations = self.explore_steps = 0
 
     def resume(self) -> None:
@@ -157,6 +335,9 @@ class OnlineCalibration:
             self.since[self._explore[0]] = 0
         self._pending = self._explore = None
         self._dirty = True
+        if self.stream is not None:
+            self.stream.brk()
+        self._last_t = [None] * (self.max_k + 1)
 
     # ------------------------------------------------------------------ measurements
     def observe(self, rec: dict[str, Any]) -> None:
@@ -170,7 +351,14 @@ class OnlineCalibration:
         if g > 0:
             self.seen[g] += 1
             self.since[g] += 1
-        self._add_accept(b, k, rec.get("accepted_per_pos") or ())
+        per_pos = rec.get("accepted_per_pos") or ()
+        self._add_accept(b, k, per_pos)
+        if self.stream is not None:
+            if b == 1 and not rec.get("prefill_tokens", 0):
+                n = int(rec.get("draft_tokens", len(per_pos) if rec.get("drafts", 1) else 0)) if k else 0
+                self.stream.step(n, int(sum(per_pos[:n])) if n else 0)
+            else:
+                self.stream.brk()
         ex = self._explore
         if ex is not None:
             ex[3] -= 1
@@ -201,6 +389,55 @@ class OnlineCalibration:
         s[4] = s[4] * dec + b * b
         s[5] = s[5] * dec + b * ms
         s[6] = s[6] * dec + ms * ms
+        if b == 1 and self.stream is not None:
+            self._pair_time(k, ms)
+
+    def _pair_time(self, k: int, ms: float) -> None:
+        """A clean batch-1 step of k against the latest clean step of every other k within
+        ``pair_window`` records: step time compared step by step, so a machine that speeds up
+        or slows down over minutes (30% within a benchmark run here) moves both sides alike."""
+        lt, now, dec = math.log(ms), self.records, self._wdecay
+        for j, last in enumerate(self._last_t):
+            if j == k or last is None or now - last[0] > self.pair_window:
+                continue
+            d = lt - last[1]
+            for a, b, x in ((k, j, d), (j, k, -d)):
+                p = self.tpair[a][b]
+                p[0] = p[0] * dec + 1.0
+                p[1] = p[1] * dec + x
+                p[2] = p[2] * dec + x * x
+        self._last_t[k] = (now, lt)
+
+    def time_ratio(self, k: int, base: int) -> tuple[float, float] | None:
+        """(mean log step time of k minus ``base``'s at batch 1, paired step by step, and its
+        standard error), or None before ``min_steps`` pairs."""
+        n, sd, sdd = self.tpair[k][base]
+        if n < self.min_steps:
+            return None
+        m = sd / n
+        return m, math.sqrt(max(sdd / n - m * m, 0.0) / max(n - 1.0, 1.0))
+
+    def _context_short(self, k: int, base: int) -> bool:
+        """Whether the batch-1 stream lacks ``min_context`` known positions after the run of ones
+        that the longer of k and ``base`` reads last (only that k's own steps show them)."""
+        return self.stream is not None and self.stream.context_trials(max(k, base) - 1) < self.min_context
+
+    def _stream_gain(self, k: int, base: int) -> tuple[float, float] | None:
+        """k's gain in rate over ``base`` at batch 1 from the acceptance stream (tokens per step of
+        both on the same tokens, :class:`Batch1Stream`) and the paired step times, with its
+        standard error; None until the stream has ``stream_chunks`` chunks and ``min_context``
+        known positions at the longest run either k reads, and ``min_steps`` time pairs."""
+        st = self.stream
+        if st is None or st.chunks < self.stream_chunks:
+            return None
+        if max(k, base) and self._context_short(k, base):
+            return None
+        t = self.time_ratio(k, base)
+        r = st.tokens_ratio(k, base) if t is not None else None
+        if r is None:
+            return None
+        g = r[0] * math.exp(-t[0])
+        return g - 1.0, g * math.hypot(r[1] / r[0], t[1])
 
     def _add_accept(self, b: int, k: int, per_pos) -> None:
         # forgetting per k, at that k's own steps: a k the engine runs rarely (explored) keeps
@@ -318,10 +555,14 @@ class OnlineCalibration:
         steps of k = 4 cut to 2 drafts measured k = 2 7% faster than k = 4 (2.5% slower)."""
         return k == 0 or self.acc[k][1] >= self.min_requests
 
-    def _gains(self, g: int, k: int, base: int, fit, ref: tuple) -> tuple[tuple[float, float] | None,
-                                                                            tuple[float, float] | None]:
-        """Two estimates of k's gain in rate over ``base`` in bucket g, held and cut, each
+    def _gains(self, g: int, k: int, base: int, fit, ref: tuple) -> tuple[tuple[float, float] | None, ...]:
+        """Estimates of k's gain in rate over ``base`` in bucket g, (held, cut, stream), each
         (gain, standard error) or None where it cannot be made.
+
+        At batch 1, once the acceptance stream can compare the two (:meth:`_stream_gain`), it is
+        the only estimate: both k's counted on the same tokens, with step times paired step by
+        step, it decides in hundreds of steps gaps that held acceptance leaves within noise for
+        thousands and that the cut one reads with its bias.
 
         The held one compares each k's own steps.  For a shorter k there is also the *cut* one:
         ``base``'s steps cut to k drafts give k's acceptance on the very same steps, so the
@@ -330,6 +571,8 @@ class OnlineCalibration:
         cent apart).  Cut acceptance is biased low (a long k's steps start in hard stretches
         more often; module docstring: 8-10% at k = 1 from k = 4), so it can only understate
         what shortening gains: it may call a shorter k faster, never a longer one."""
+        if g == 1 and (st := self._stream_gain(k, base)) is not None:
+            return None, None, st
         held = cut = None
         r0, t0, a0 = ref
         r = self.rate(g, k, fit) if r0 is not None and self._trusted(k) else None
@@ -340,7 +583,7 @@ class OnlineCalibration:
             if t is not None:
                 a = a0 - loss[0]
                 cut = ((1.0 + a) / (1.0 + a0) * t0[0] / t[0] - 1.0, math.hypot(t[1], t0[1], loss[1] / (1.0 + a)))
-        return held, cut
+        return held, cut, None
 
     # ------------------------------------------------------------------ decisions
     def _beats(self, gain: float, se: float) -> bool:
@@ -412,13 +655,16 @@ class OnlineCalibration:
             n = self.cn[g][k]
             if abs(k - cur) == 1 and n < self.min_steps:
                 want = True
+            elif g == 1 and abs(k - cur) == 1 and n < self.max_steps and self._context_short(k, cur):
+                want = True  # the stream needs the longer one's last position seen (its own steps)
             elif self.min_steps <= n < self.max_steps:
-                held, cut = self._gains(g, k, cur, fit, ref)
-                est = [e for e in (held, cut) if e is not None]
-                # within noise: no estimate says k wins and the unbiased (held) one does not say
-                # it loses; and some estimate still lets it win
+                held, cut, stream = self._gains(g, k, cur, fit, ref)
+                est = [e for e in (held, cut, stream) if e is not None]
+                fair = held or stream  # the estimate that may say k loses (cut's bias runs against k)
+                # within noise: no estimate says k wins and the fair one does not say it loses;
+                # and some estimate still lets it win
                 want = (bool(est) and not any(self._beats(*e) for e in est)
-                        and not (held is not None and self._beats(-held[0], held[1]))
+                        and not (fair is not None and self._beats(-fair[0], fair[1]))
                         and any(self._could_beat(*e) and self._resolvable(*e, n) for e in est)
                         and (max(e[0] for e in est) > 0 or self.since[g] >= self.refine_every))
             else:

@@ -491,7 +491,9 @@ class StepController:
         if cal is None:
             from controller.online import OnlineCalibration
 
-            cal = OnlineCalibration(self.max_k, self.max_num_seqs)
+            # the batch-1 stream needs a drafter whose proposal for a position depends only on
+            # the tokens before it; ngram's can depend on where its step started (a later match)
+            cal = OnlineCalibration(self.max_k, self.max_num_seqs, stream=self.method not in ("ngram", "suffix"))
             self._calibrations[arg] = cal
         else:
             cal.resume()

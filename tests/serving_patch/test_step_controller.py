@@ -407,4 +407,9 @@ def test_calibration_is_on_by_default_and_only_for_the_embedded_policy(tmp_path)
     assert not hasattr(ctl.source, "calibration") and ctl.choose(4) == 2
     ctl.set_source(f"embedded:{path}")
     assert ctl.source.calibration is not None
+    assert ctl.source.calibration.stream is not None  # draft_model: batch 1 compares k's on one stream
+    ctl.close()
+    # ngram's proposal for a position can depend on where its step started: no batch-1 stream
+    ctl, _ = make({"SPEC_CONTROLLER": path}, fake_scheduler(method="ngram"))
+    assert ctl.source.calibration is not None and ctl.source.calibration.stream is None
     ctl.close()
