@@ -377,6 +377,10 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
               "each level): " + "; ".join(f"{c} {cal[c]['overrides'] or 'none'}" for c in levels if c in cal)
               + f"; exploration holds {last['explorations']}, {100 * last['explore_steps'] / max(last['records'], 1):.1f}%"
               f" of its {last['records']} steps")
+        b1 = last.get("batch1_stream")
+        if b1 and b1["chunks"] >= 2:
+            print(f"learned's batch-1 stream ({b1['positions']} tokens): tokens per step each k would take over them "
+                  + " ".join(f"k={k} {t}" for k, t in enumerate(b1["tokens_per_step"]) if t is not None))
     if res["confirm"]:
         rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
         print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "

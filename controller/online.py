@@ -240,6 +240,12 @@ class Batch1Stream:
         self.chunks += 1
 
     # ------------------------------------------------------------------ estimates
+    def stats(self) -> dict[str, Any]:
+        """Positions walked and, per k, the tokens per step it would take over them (None before
+        two chunks)."""
+        tps = [None if self.chunks < 2 or x <= 0 else round(self.s[0] / x, 4) for x in self.s]
+        return {"positions": self.positions, "chunks": self.chunks, "tokens_per_step": tps}
+
     def steps_per_chunk(self) -> list[float]:
         """Each k's mean steps per (closed) chunk."""
         return [x / self.w if self.w else 0.0 for x in self.s]
@@ -756,4 +762,4 @@ class OnlineCalibration:
                 "accept": [None if (a := self.accept(k)) is None else round(a, 4) for k in range(self.max_k + 1)],
                 "accept_se": [round(se, 4) if math.isfinite(se := self.accept_se(k)) else None
                               for k in range(self.max_k + 1)],
-                "rates": measured}
+                "rates": measured, **({"batch1_stream": self.stream.stats()} if self.stream is not None else {})}

@@ -323,6 +323,8 @@ def test_the_stream_counts_every_ks_steps_exactly_where_nothing_is_unknown():
     assert st.positions == len(bits)
     for k in range(5):
         assert st.s[k] == chain_steps(bits, k), k
+    tps = st.stats()["tokens_per_step"]
+    assert tps[0] == 1.0 and tps[4] == round(len(bits) / chain_steps(bits, 4), 4)
 
 
 @pytest.mark.parametrize("run_k", [2, 3, 4])
