@@ -67,7 +67,8 @@ class SpecDecodeEnv(gym.Env):
     def __init__(self, scenario: Scenario | None = None, *, traces=None, preset: str | None = None,
                  window_s: float = 60.0, load_scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
                  time_range: tuple[float, float] = (0.0, 1.0), reward: str = "latency",
-                 action_widths: Sequence[int] | None = None, noise: bool = True, accept_thinning: float = 0.0):
+                 action_widths: Sequence[int] | None = None, noise: bool = True, accept_thinning: float = 0.0,
+                 accept_trials: int = ACCEPT_TRIALS):
         if sum(x is not None for x in (scenario, traces, preset)) > 1:
             raise ValueError("give at most one of scenario=, traces= or preset=")
         if scenario is None:
@@ -84,6 +85,9 @@ class SpecDecodeEnv(gym.Env):
             raise ValueError(f"time_range must satisfy 0 <= lo < hi <= 1, got {time_range!r}")
         if not 0.0 <= accept_thinning < 1.0:
             raise ValueError(f"accept_thinning must be in [0, 1), got {accept_thinning}")
+        if type(accept_trials) is not int or accept_trials < 0:
+            raise ValueError(f"accept_trials must be an int >= 0 (drafted tokens the acceptance features average "
+                             f"over; 0 = per step), got {accept_trials!r}")
         if len(scenario.requests) == 0:
             raise ValueError(f"scenario {scenario.name!r} has no requests to replay")
         self.scenario = scenario
@@ -102,7 +106,7 @@ class SpecDecodeEnv(gym.Env):
         self.feature_spec = FeatureSpec(max_num_seqs=cfg.max_num_seqs, max_k=cfg.max_k,
                                         max_width=max(self.actions.widths), token_budget=cfg.max_num_batched_tokens,
                                         accept_prior=float(np.clip(scenario.acceptance.p[0], 0.05, 0.95)),
-                                        accept_trials=ACCEPT_TRIALS)
+                                        accept_trials=accept_trials)
         self.action_space = gym.spaces.Discrete(self.actions.n)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self.features = FeatureState(self.feature_spec)

@@ -87,12 +87,14 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
                       window_s=args.window_s, load_scales=tuple(args.load_scales),
                       train_range=(0.0, 1.0 - TEST_FRACTION), progress=not args.no_progress,
                       min_gain=args.min_gain,
-                      **({} if args.accept_thinning is None else {"accept_thinning": args.accept_thinning}))
+                      **({} if args.accept_thinning is None else {"accept_thinning": args.accept_thinning}),
+                      **({} if args.accept_trials is None else {"accept_trials": args.accept_trials}))
     log(f"[{name}] training ({cfg.algo}, {cfg.timesteps} timesteps"
         + (f", budget {cfg.budget_minutes} min" if cfg.budget_minutes else "") + ")")
     res = train(scenario, cfg)
     log(f"[{name}] trained {res.timesteps} timesteps in {res.seconds:.0f}s ({res.stopped})")
-    env = SpecDecodeEnv(scenario, window_s=args.window_s, load_scales=args.load_scales)
+    env = SpecDecodeEnv(scenario, window_s=args.window_s, load_scales=args.load_scales,
+                        accept_trials=cfg.accept_trials)
     artifact = export_artifact(res.model, env, version=f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}",
                                min_gain=cfg.min_gain)
 
@@ -101,7 +103,8 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
     policies = [LearnedPolicy(artifact)] + baseline_suite(env, traces, user_table, seed=args.seed)
     log(f"[{name}] evaluating {len(policies)} policies on {len(windows)} held-out windows")
     t0 = time.perf_counter()
-    results = evaluate(policies, scenario, windows, window_s=args.window_s, seed=args.seed)
+    results = evaluate(policies, scenario, windows, window_s=args.window_s, seed=args.seed,
+                       accept_trials=cfg.accept_trials)
     summary = summarise(results)
     log(f"[{name}] evaluation took {time.perf_counter() - t0:.0f}s")
 
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training episodes replay the traces with a weaker drafter: each output token becomes "
                          "unpredictable with a chance drawn from [0, EPS), so the policy learns how the best k "
                          "moves with the acceptance it observes (default 0.3; 0 = the traces' own level)")
+    ap.add_argument("--accept-trials", type=int, default=None, metavar="N",
+                    help="the acceptance features (alpha, accept0) average over about the last N drafted tokens, "
+                         "at any batch size (default 150: about 60 steps at batch 1; 0 = a per-step average, "
+                         "whose window in tokens grows with the batch)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0],
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--min-gain must be in [0, 1), got {args.min_gain}")
         if args.accept_thinning is not None and not 0 <= args.accept_thinning < 1:
             raise ValueError(f"--accept-thinning must be in [0, 1), got {args.accept_thinning}")
+        if args.accept_trials is not None and args.accept_trials < 0:
+            raise ValueError(f"--accept-trials must be >= 0 drafted tokens (0 = per step), got {args.accept_trials}")
         if any(s <= 0 for s in args.load_scales):
             raise ValueError(f"--load-scales must be positive, got {args.load_scales}")
         if args.table:

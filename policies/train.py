@@ -40,7 +40,7 @@ import numpy as np
 
 from controller.artifact import PolicyArtifact
 from envs.scenario import Scenario
-from envs.spec_env import SpecDecodeEnv
+from envs.spec_env import ACCEPT_TRIALS, SpecDecodeEnv
 from policies.baselines import Policy
 
 __all__ = ["ALGOS", "LearnedPolicy", "TrainConfig", "export_artifact", "train"]
@@ -84,6 +84,7 @@ class TrainConfig:
     explore: float = 0.2        # hindsight: random actions in the behaviour policy
     min_gain: float | None = None  # hindsight: speculate only if predicted >= 1 + min_gain x off (None: 0.02)
     accept_thinning: float = 0.3   # training episodes draw a drafter weaker by eps in [0, this) (SpecDecodeEnv)
+    accept_trials: int = ACCEPT_TRIALS  # the acceptance features average over about this many drafted tokens
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -103,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not 0 <= self.accept_thinning < 1:
             raise ValueError(f"accept_thinning must be in [0, 1), got {self.accept_thinning}")
+        if type(self.accept_trials) is not int or self.accept_trials < 0:
+            raise ValueError(f"accept_trials must be an int >= 0 (0 = per-step acceptance features), "
+                             f"got {self.accept_trials!r}")
 
 
 @dataclass
@@ -119,7 +123,7 @@ def _make_env(scenario: Scenario, cfg: TrainConfig, time_range, seed: int):
 
     def thunk():
         env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
-                            reward=cfg.reward, accept_thinning=cfg.accept_thinning)
+                            reward=cfg.reward, accept_thinning=cfg.accept_thinning, accept_trials=cfg.accept_trials)
         env.reset(seed=seed)
         return Monitor(env)
 
@@ -142,7 +146,7 @@ def train(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
     val_lo = lo + 0.8 * (hi - lo)  # validation windows: the last fifth of the training range
     venv = DummyVecEnv([_make_env(scenario, cfg, (lo, val_lo), cfg.seed + i) for i in range(cfg.n_envs)])
     val_env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales,
-                            time_range=(val_lo, hi), reward=cfg.reward)
+                            time_range=(val_lo, hi), reward=cfg.reward, accept_trials=cfg.accept_trials)
     arch = list(cfg.net_arch)
     if cfg.algo == "dqn":
         model = algos["dqn"]("MlpPolicy", venv, seed=cfg.seed, gamma=cfg.gamma, learning_rate=cfg.learning_rate,
@@ -229,7 +233,7 @@ def _collect(scenario: Scenario, cfg: TrainConfig, n_steps: int, behaviour, rng:
     from policies.baselines import GoodputGreedy
 
     env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
-                        reward=cfg.reward, accept_thinning=cfg.accept_thinning)
+                        reward=cfg.reward, accept_thinning=cfg.accept_thinning, accept_trials=cfg.accept_trials)
     valid = [i for i, ok in enumerate(env.action_masks()) if ok]
     pol = behaviour if behaviour is not None else GoodputGreedy()
     X, Y, W = [], [], []
@@ -265,7 +269,7 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
     lo, hi = cfg.train_range
     val_lo = lo + 0.8 * (hi - lo)
     env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=(lo, val_lo),
-                        reward=cfg.reward)
+                        reward=cfg.reward, accept_trials=cfg.accept_trials)
     model = DQN("MlpPolicy", env, seed=cfg.seed, learning_rate=1e-3, policy_kwargs={"net_arch": list(cfg.net_arch)},
                 verbose=0)
     qnet = model.policy.q_net
@@ -316,7 +320,8 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
 
 def _validate_goodput(scenario: Scenario, cfg: TrainConfig, art: PolicyArtifact, time_range) -> float:
     """Mean goodput (tokens per busy second) over one validation window per load scale."""
-    env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range)
+    env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
+                        accept_trials=cfg.accept_trials)
     pol = LearnedPolicy(art)
     vals = []
     for i, scale in enumerate(cfg.load_scales):

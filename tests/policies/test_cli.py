@@ -10,7 +10,7 @@ def test_tiny_run_writes_everything(tmp_path, small_synthetic_trace, capsys):
     out = tmp_path / "out"
     rc = main(["--trace", str(small_synthetic_trace), "--out", str(out), "--timesteps", "1500", "--load-scales", "1",
                "2", "--eval-windows", "1", "--window-s", "10", "--no-progress",
-               "--table", "[[1, 16, 3], [17, 256, 1]]"])
+               "--table", "[[1, 16, 3], [17, 256, 1]]", "--accept-trials", "40"])
     assert rc == 0
     (group,) = [p for p in out.iterdir() if p.is_dir()]
     for f in ("policy.json", "vllm_schedule.json", "report.md", "report.json", "sb3_model.zip",
@@ -19,6 +19,8 @@ def test_tiny_run_writes_everything(tmp_path, small_synthetic_trace, capsys):
     art = PolicyArtifact.load(group / "policy.json")
     assert art.provenance["traces"][0]["sha256"] and art.provenance["versions"]["stable_baselines3"]
     assert "ratios" in art.evaluation
+    # the served features average acceptance as training did
+    assert art.feature_spec.accept_trials == 40 and art.provenance["train_config"]["accept_trials"] == 40
     sched = json.loads((group / "vllm_schedule.json").read_text())["num_speculative_tokens_per_batch_size"]
     assert sched[0][0] == 1 and sched[-1][1] == art.feature_spec.max_num_seqs
     assert all(a[1] + 1 == b[0] for a, b in zip(sched, sched[1:]))  # contiguous ranges
@@ -41,6 +43,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--min-gain must be in [0, 1)" in capsys.readouterr().err
     assert main(["--trace", "traces", "--accept-thinning", "1"]) == 2
     assert "--accept-thinning must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert main(["--trace", "traces", "--accept-trials", "-1"]) == 2
+    assert "--accept-trials must be >= 0 drafted tokens (0 = per step), got -1" in capsys.readouterr().err
     imported = tmp_path / "imp.jsonl"
     imported.write_text('{"type":"header","schema":"spec-trace/1","source":"imported","max_k":1,"widths":[1]}\n'
                         '{"type":"request","id":"a","arrival_s":0,"prompt_tokens":3,"output_tokens":4}\n')

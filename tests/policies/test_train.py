@@ -49,6 +49,20 @@ def test_bad_config():
         TrainConfig(algo="a2c")
     with pytest.raises(ValueError, match="budget_minutes"):
         TrainConfig(budget_minutes=0)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="accept_trials must be an int >= 0"):
+            TrainConfig(accept_trials=bad)
+
+
+def test_accept_trials_defaults_and_errors(drift):
+    """Config and env agree on the default window; the env refuses a bad one (train-controller's
+    --accept-trials reaching the artifact: tests/policies/test_cli.py)."""
+    from envs.spec_env import ACCEPT_TRIALS
+
+    assert TrainConfig().accept_trials == ACCEPT_TRIALS == SpecDecodeEnv(drift).feature_spec.accept_trials
+    assert SpecDecodeEnv(drift, accept_trials=0).feature_spec.accept_trials == 0
+    with pytest.raises(ValueError, match="accept_trials must be an int >= 0"):
+        SpecDecodeEnv(drift, accept_trials=-3)
 
 
 def test_it_learns_to_beat_every_static_k_under_drift(drift):
