@@ -322,6 +322,7 @@ class OnlineCalibration:
         self._override: dict[int, int] = {}           # bucket -> k where measurements overrule the policy
         self._prior: tuple[int, ...] = ()
         self._dirty = True
+        self.urgent = False                           # an exploration hold ended: decide now (a source's cue)
         self._touched: set[int] = set()               # buckets with new clean steps
         self._full_at = 0
         self._steps_at = [0] * nb                     # clean steps per batch size, any k (uncapped)
@@ -374,6 +375,7 @@ class OnlineCalibration:
             if ex[2] <= 0 or ex[3] <= 0:
                 self.since[ex[0]] = 0
                 self._explore = None
+                self.urgent = True  # the held k leaves the table at the next decision, not steps later
         self._dirty = True
 
     def _add_time(self, rec: dict) -> None:
@@ -689,6 +691,7 @@ class OnlineCalibration:
     def table(self, prior) -> tuple[int, ...]:
         """The policy's k per batch size (``prior[b]``) with the measured overrides and any exploration."""
         prior = tuple(prior)
+        self.urgent = False
         if self._dirty or prior != self._prior:
             # decide again the buckets with new clean steps or whose policy k moved, and all of
             # them every 16 records (the pooled acceptance moves): tens of microseconds per step

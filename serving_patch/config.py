@@ -7,7 +7,7 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER``                 the decision source (below); unset = vLLM decides k
 ``SPEC_CONTROLLER_FALLBACK_K``      the configured static k used when no good decision exists (0)
 ``SPEC_CONTROLLER_REFRESH_S``       how often the background thread polls the source (0.02);
-                                  the embedded policy runs only when a step landed or
+                                  the embedded policy runs only when steps landed or
                                   the queue moved since the last poll
 ``SPEC_CONTROLLER_MAX_AGE_S``       a table older than this is not used: static fallback (30)
 ``SPEC_CONTROLLER_RELOAD_S``        how often a policy file is checked for a new version (2)
@@ -26,6 +26,10 @@ variables reach every vLLM process, the spawned EngineCore included).
                                   the engine's own steps (measured rate per batch size and k,
                                   short exploration holds next to the policy's k;
                                   :mod:`controller.online`); 0: the policy as trained
+``SPEC_CONTROLLER_DECIDE_EVERY``    steps between the embedded policy's decisions (4); a queue
+                                  change, or the calibration ending an exploration hold,
+                                  decides at once.  1 = at every step (the refresher's CPU
+                                  then ~3x: it holds the GIL the engine needs)
 ``SPEC_CONTROLLER_SEED``            seed of the exploration draws (0)
 ``SPEC_CONTROLLER_ENGINE_ID``       engine id reported to the sidecar (``engine-<pid>``)
 ``SPEC_TRACE_OUT``                  write a ``spec-trace/1`` trace of every step to this file
@@ -121,6 +125,7 @@ class PluginConfig:
     lazy_drafter: bool = True
     catchup_max_tokens: int = 0
     calibrate: bool = True
+    decide_every: int = 4
     seed: int = 0
     engine_id: str = ""
     trace_out: str | None = None
@@ -182,6 +187,7 @@ class PluginConfig:
             lazy_drafter=_bool(env, "SPEC_CONTROLLER_LAZY_DRAFTER", True),
             catchup_max_tokens=_int(env, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS", 0, 0),
             calibrate=_bool(env, "SPEC_CONTROLLER_CALIBRATE", True),
+            decide_every=_int(env, "SPEC_CONTROLLER_DECIDE_EVERY", 4, 1),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",
             trace_out=env.get("SPEC_TRACE_OUT") or None,

@@ -190,7 +190,8 @@ class StepController:
                         self.source = make_source(kind, arg, max_k=self.max_k, max_num_seqs=self.max_num_seqs,
                                                   fallback_k=self.fallback_k, reload_s=cfg.reload_s,
                                                   max_age_s=cfg.max_age_s, engine_id=cfg.engine_id,
-                                                  calibration=self._calibration_for(kind, arg))
+                                                  calibration=self._calibration_for(kind, arg),
+                                                  decide_every=cfg.decide_every)
                     except Exception as exc:  # noqa: BLE001 -- serve on the fallback, say why
                         self.poll_errors += 1
                         self.last_error = f"{kind} source: {exc}"
@@ -468,7 +469,7 @@ class StepController:
         c = self.config
         new = make_source(kind, arg, max_k=self.max_k, max_num_seqs=self.max_num_seqs, fallback_k=self.fallback_k,
                           reload_s=c.reload_s, max_age_s=c.max_age_s, engine_id=c.engine_id,
-                          calibration=self._calibration_for(kind, arg))
+                          calibration=self._calibration_for(kind, arg), decide_every=c.decide_every)
         old, self.source = self.source, new
         self._cycle = ()
         self._table, self._deadline, self._on_fallback, self.version = self._fallback, math.inf, True, "fallback"

@@ -7,10 +7,15 @@ step's ``spec-trace/1`` fields on the step path and must only enqueue them.
 
 - :class:`EmbeddedSource` -- the trained policy artifact (``policy.json``) evaluated in this
   process with the shared feature function: the step records feed a
-  :class:`controller.features.FeatureState`, and a poll that finds a new step or a changed
-  queue evaluates the numpy MLP once for every batch size (44 us; else it returns at once).
-  With ``SPEC_CONTROLLER_CALIBRATE=1`` (the default) a :class:`controller.online.OnlineCalibration` fed the
-  same steps overrides that table where the engine's own measurements say another k is faster.
+  :class:`controller.features.FeatureState`, and a poll that finds ``decide_every`` (4) new
+  steps or a changed queue evaluates the numpy MLP once for every batch size (44 us; else it
+  folds the steps in and returns).  With ``SPEC_CONTROLLER_CALIBRATE=1`` (the default) a
+  :class:`controller.online.OnlineCalibration` fed the same steps overrides that table where the
+  engine's own measurements say another k is faster, and decides with it (an exploration hold
+  that ends decides at once).  The table covers every batch size, so a batch that grows or
+  shrinks between decisions still finds its k; the features it is computed from average over
+  ~150 drafted tokens and move little in 4 steps, while deciding at every step cost the
+  refresher thread, which holds the GIL the engine needs, ~0.9% of a batch-1 step.
   The file is re-read when it changes (``train-controller`` replaces it atomically); a
   missing or corrupt file keeps the last good policy.
 - :class:`SidecarSource` -- the FastAPI sidecar through :class:`controller.client.SidecarClient`
@@ -118,9 +123,15 @@ class EmbeddedSource(DecisionSource):
     name = "embedded"
 
     def __init__(self, path: str | os.PathLike, reload_s: float = 2.0, clock=None,
-                 calibration: OnlineCalibration | None = None):
+                 calibration: OnlineCalibration | None = None, decide_every: int = 4):
         import time
 
+        if type(decide_every) is not int or decide_every < 1:
+            raise ValueError(f"decide_every must be an int >= 1 (steps between the policy's decisions), "
+                             f"got {decide_every!r}")
+        self.decide_every = decide_every
+        self._since = 0  # steps folded in since the last decision
+        self.decisions = 0
         self.path = Path(path)
         self.reload_s = reload_s
         self._clock = clock or time.monotonic
@@ -177,7 +188,7 @@ class EmbeddedSource(DecisionSource):
         self._maybe_reload()
         steps = self._steps
         state = self.state
-        folded = bool(steps)
+        self._since += len(steps)
         cal = self.calibration
         while steps:
             r = steps.popleft()
@@ -187,12 +198,15 @@ class EmbeddedSource(DecisionSource):
                 cal.observe(r)
         if self.artifact is None or state is None:
             return None
-        # KV use moves at every schedule and is read again at the next step: a new step or a
-        # queue change decides (once per step, not twice)
+        # KV use moves at every schedule and is read again at the next decision; decide_every
+        # steps, a queue change or the calibration's end of an exploration hold decide
         key = (snapshot.waiting, snapshot.prefill_pending)
-        if not folded and key == self._decided_for:
-            return None  # nothing new since the last decision: it stands
+        if (key == self._decided_for and self._since < self.decide_every
+                and not (self._since and cal is not None and cal.urgent)):
+            return None  # nothing new enough since the last decision: it stands
         self._decided_for = key
+        self._since = 0
+        self.decisions += 1
         d = self.artifact.decision(state, snapshot.waiting, snapshot.kv_usage, snapshot.prefill_pending)
         if cal is None:
             return d
@@ -204,6 +218,7 @@ class EmbeddedSource(DecisionSource):
 
     def stats(self) -> dict[str, Any]:
         out = {"path": str(self.path), "loads": self.loads, "load_errors": self.load_errors,
+               "decisions": self.decisions, "decide_every": self.decide_every,
                "version": self.artifact.version if self.artifact else None, "last_error": self.last_error}
         if self.calibration is not None:
             out["calibration"] = self.calibration.stats()
@@ -246,13 +261,14 @@ class SidecarSource(DecisionSource):
 
 
 def make_source(kind: str, arg: str, *, max_k: int, max_num_seqs: int, fallback_k: int, reload_s: float,
-                max_age_s: float, engine_id: str, calibration: OnlineCalibration | None = None) -> DecisionSource:
+                max_age_s: float, engine_id: str, calibration: OnlineCalibration | None = None,
+                decide_every: int = 4) -> DecisionSource:
     """The source named by ``SPEC_CONTROLLER`` (see :mod:`serving_patch.config`); ``calibration``
     (the embedded policy only) overrides its table where the engine's own steps measure better."""
     from serving_patch.config import parse_table
 
     if kind == "embedded":
-        return EmbeddedSource(arg, reload_s=reload_s, calibration=calibration)
+        return EmbeddedSource(arg, reload_s=reload_s, calibration=calibration, decide_every=decide_every)
     if kind == "sidecar":
         return SidecarSource(arg, engine_id=engine_id, max_k=max_k, fallback_k=fallback_k,
                              max_num_seqs=max_num_seqs, max_age_s=max_age_s)

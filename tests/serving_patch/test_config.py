@@ -44,6 +44,7 @@ def test_recorder_alone_enables_the_hook():
     ({"SPEC_CONTROLLER_LAZY_DRAFTER": "maybe"}, "SPEC_CONTROLLER_LAZY_DRAFTER must be 1 or 0"),
     ({"SPEC_CONTROLLER_CALIBRATE": "auto"}, "SPEC_CONTROLLER_CALIBRATE must be 1 or 0"),
     ({"SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": "-5"}, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS must be >= 0"),
+    ({"SPEC_CONTROLLER_DECIDE_EVERY": "0"}, "SPEC_CONTROLLER_DECIDE_EVERY must be >= 1"),
 ])
 def test_bad_settings_name_the_variable(env, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -55,6 +56,7 @@ def test_lazy_drafter_setting(raw, on):
     cfg = PluginConfig.from_env({"SPEC_CONTROLLER": "static:0", "SPEC_CONTROLLER_LAZY_DRAFTER": raw,
                                  "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS": "256"})
     assert cfg.lazy_drafter is on and cfg.catchup_max_tokens == 256
+    assert cfg.decide_every == 4 and PluginConfig.from_env({"SPEC_CONTROLLER_DECIDE_EVERY": "1"}).decide_every == 1
 
 
 def test_table_parsing_and_dense_form():

@@ -9,6 +9,7 @@ import pytest
 
 from controller.artifact import Decision, PolicyArtifact
 from controller.features import FeatureSpec
+from controller.online import OnlineCalibration
 from envs.trace import load_trace, validate_files
 from serving_patch.config import PluginConfig
 from serving_patch.engine_hook import StepController
@@ -113,7 +114,8 @@ STEP = {"batch_size": 4, "k": 2, "width": 1, "drafts": 4, "accepted_per_pos": [3
 def test_missing_then_valid_then_corrupt_then_raising_policy(tmp_path, monkeypatch):
     path = tmp_path / "policy.json"
     env = {"SPEC_CONTROLLER": str(path), "SPEC_CONTROLLER_FALLBACK_K": "1", "SPEC_CONTROLLER_RELOAD_S": "0.05",
-           "SPEC_CONTROLLER_REFRESH_S": "30"}  # refreshed by hand below: deterministic
+           "SPEC_CONTROLLER_REFRESH_S": "30",  # refreshed by hand below: deterministic
+           "SPEC_CONTROLLER_DECIDE_EVERY": "1"}
     ctl, sched = make(env)
     try:
         # missing: the static fallback, counted per step
@@ -311,7 +313,7 @@ def test_a_source_that_wants_requests_gets_them_in_arrival_order_on_the_step_clo
 def test_embedded_source_decides_only_when_something_changed(tmp_path):
     from serving_patch.sources import EmbeddedSource, EngineSnapshot
 
-    src = EmbeddedSource(policy(tmp_path, k_by_bias=2))
+    src = EmbeddedSource(policy(tmp_path, k_by_bias=2), decide_every=1)  # at every step
     snap = EngineSnapshot(waiting=0, kv_usage=0.25, prefill_pending=0)
     first = src.poll(snap)
     assert first is not None and first.table[3] == (2, 1)
@@ -331,12 +333,60 @@ def test_embedded_source_decides_only_when_something_changed(tmp_path):
     assert again is not None and again.table[3] == (4, 1)
 
 
+def test_embedded_source_decides_every_few_steps_and_at_once_when_the_queue_moves(tmp_path):
+    from serving_patch.sources import EmbeddedSource, EngineSnapshot
+
+    path = policy(tmp_path, k_by_bias=2)
+    src = EmbeddedSource(path)
+    assert src.decide_every == 4
+    snap = EngineSnapshot(waiting=0, kv_usage=0.25, prefill_pending=0)
+    assert src.poll(snap) is not None and src.decisions == 1
+    alpha0 = src.state.alpha
+    for _ in range(3):
+        src.on_step(STEP)
+        assert src.poll(snap) is None  # folded in, the decision stands
+    assert src.state.alpha != alpha0 and not src._steps  # every step reached the feature state
+    src.on_step(STEP)
+    assert src.poll(snap) is not None  # the fourth step decides
+    src.on_step(STEP)
+    snap.waiting = 2
+    assert src.poll(snap) is not None  # the queue moved: at once
+    for _ in range(4):  # several steps land between two polls: one decision
+        src.on_step(STEP)
+    assert src.poll(snap) is not None and src.poll(snap) is None and src.decisions == 4
+    assert src.stats()["decisions"] == 4
+    with pytest.raises(ValueError, match="decide_every must be an int >= 1"):
+        EmbeddedSource(path, decide_every=0)
+
+
+def test_the_end_of_an_exploration_hold_decides_at_once(tmp_path):
+    from serving_patch.sources import EmbeddedSource, EngineSnapshot
+    from tests.controller.test_online import LaggedEngine, cost_k1_best
+
+    cal = OnlineCalibration(MAX_K, SEQS, min_seen=20, min_steps=8, explore_every=40, hold=6)
+    src = EmbeddedSource(policy(tmp_path, k_by_bias=3), calibration=cal)
+    snap = EngineSnapshot()
+    table = [k for k, _ in src.poll(snap).table]
+    eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.6, seed=3)
+    ends = late = 0
+    for _ in range(2000):
+        exploring = cal._explore is not None
+        src.on_step(eng.step(4, table[4]))
+        d = src.poll(snap)
+        if exploring and cal._explore is None:  # this step ended the hold
+            ends += 1
+            late += d is None  # a table with the held k would stay up to three steps longer
+        if d is not None:
+            table = [k for k, _ in d.table]
+    assert ends >= 3 and late == 0 and not cal.urgent
+
+
 def test_the_timer_polls_but_the_policy_runs_only_after_a_step(tmp_path, monkeypatch):
     calls = []
     real = PolicyArtifact.decision
     monkeypatch.setattr(PolicyArtifact, "decision", lambda *a, **k: calls.append(1) or real(*a, **k))
     ctl, sched = make({"SPEC_CONTROLLER": f"embedded:{policy(tmp_path, k_by_bias=2)}",
-                       "SPEC_CONTROLLER_REFRESH_S": "0.005"})
+                       "SPEC_CONTROLLER_REFRESH_S": "0.005", "SPEC_CONTROLLER_DECIDE_EVERY": "1"})
     try:
         assert sched.dynamic_sd_lookup[3] == 2 and len(calls) == 1  # the first decision, at start
         time.sleep(0.1)
