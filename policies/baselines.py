@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from controller.features import FEATURE_NAMES
-from envs.spec_env import SpecDecodeEnv
+from envs.spec_env import ACCEPT_TRIALS, SpecDecodeEnv
 from envs.trace import Trace
 
 ALPHA = FEATURE_NAMES.index("alpha")
@@ -45,6 +45,7 @@ class Policy:
     """Base class: ``reset`` once per episode, ``act`` every step, ``update`` after it."""
 
     name = "policy"
+    accept_trials = ACCEPT_TRIALS  # the acceptance window of the observations it reads (FeatureSpec)
 
     def reset(self, env: SpecDecodeEnv) -> None:
         self.env = env

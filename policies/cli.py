@@ -103,8 +103,7 @@ def run_group(name: str, traces: list[Trace], args, out: Path, log) -> dict:
     policies = [LearnedPolicy(artifact)] + baseline_suite(env, traces, user_table, seed=args.seed)
     log(f"[{name}] evaluating {len(policies)} policies on {len(windows)} held-out windows")
     t0 = time.perf_counter()
-    results = evaluate(policies, scenario, windows, window_s=args.window_s, seed=args.seed,
-                       accept_trials=cfg.accept_trials)
+    results = evaluate(policies, scenario, windows, window_s=args.window_s, seed=args.seed)
     summary = summarise(results)
     log(f"[{name}] evaluation took {time.perf_counter() - t0:.0f}s")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.scenario import Scenario
-from envs.spec_env import ACCEPT_TRIALS, SpecDecodeEnv
+from envs.spec_env import SpecDecodeEnv
 from policies.baselines import Policy
 
 __all__ = ["EvalResult", "PairedRatio", "evaluate", "held_out_windows", "paired_ratio", "summarise"]
@@ -89,17 +89,14 @@ def run_episode(policy: Policy, env: SpecDecodeEnv, load_scale: float, start_s: 
 
 
 def evaluate(policies: Sequence[Policy], scenario: Scenario, windows: Sequence[tuple[float, float]], *,
-             window_s: float, seed: int = 0, progress: Callable[[str], None] | None = None,
-             accept_trials: int = ACCEPT_TRIALS) -> list[EvalResult]:
+             window_s: float, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[EvalResult]:
     """Every policy on every window; the window index seeds the simulator (same for all policies).
-
-    ``accept_trials``: the observations' acceptance window, as the learned policy was trained with
-    (``TrainConfig.accept_trials``).
-    """
+    Each policy observes with its own acceptance window (``Policy.accept_trials``: a learned
+    policy's is its artifact's)."""
     results = []
     for pol in policies:
         env = SpecDecodeEnv(scenario, window_s=window_s, load_scales=sorted({w[0] for w in windows}),
-                            noise=True, accept_trials=accept_trials)
+                            noise=True, accept_trials=pol.accept_trials)
         for i, (scale, start) in enumerate(windows):
             results.append(run_episode(pol, env, scale, start, seed=seed * 100_003 + i))
         if progress:

@@ -320,9 +320,9 @@ def train_hindsight(scenario: Scenario, cfg: TrainConfig) -> TrainResult:
 
 def _validate_goodput(scenario: Scenario, cfg: TrainConfig, art: PolicyArtifact, time_range) -> float:
     """Mean goodput (tokens per busy second) over one validation window per load scale."""
-    env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
-                        accept_trials=cfg.accept_trials)
     pol = LearnedPolicy(art)
+    env = SpecDecodeEnv(scenario, window_s=cfg.window_s, load_scales=cfg.load_scales, time_range=time_range,
+                        accept_trials=pol.accept_trials)
     vals = []
     for i, scale in enumerate(cfg.load_scales):
         obs, _ = env.reset(seed=10_000 + i, options={"load_scale": scale})
@@ -381,6 +381,7 @@ class LearnedPolicy(Policy):
     def __init__(self, artifact: PolicyArtifact, name: str = "learned"):
         self.artifact = artifact
         self.name = name
+        self.accept_trials = artifact.feature_spec.accept_trials  # observed as it was trained
 
     def act(self, obs, env):
         return self.artifact.act(obs)

@@ -201,8 +201,7 @@ class EmbeddedSource(DecisionSource):
         # KV use moves at every schedule and is read again at the next decision; decide_every
         # steps, a queue change or the calibration's end of an exploration hold decide
         key = (snapshot.waiting, snapshot.prefill_pending)
-        if (key == self._decided_for and self._since < self.decide_every
-                and not (self._since and cal is not None and cal.urgent)):
+        if key == self._decided_for and self._since < self.decide_every and not (cal is not None and cal.urgent):
             return None  # nothing new enough since the last decision: it stands
         self._decided_for = key
         self._since = 0

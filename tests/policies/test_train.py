@@ -64,6 +64,20 @@ def test_accept_trials_defaults_and_errors(drift):
     with pytest.raises(ValueError, match="accept_trials must be an int >= 0"):
         SpecDecodeEnv(drift, accept_trials=-3)
 
+    class Seen(StaticK):  # records the window of the env it is evaluated in
+        def reset(self, env):
+            super().reset(env)
+            self.seen = env.feature_spec.accept_trials
+
+    short, default = Seen(1), Seen(1)
+    short.accept_trials = 0
+    evaluate([short, default], drift, [(1.0, 0.0)], window_s=5.0)
+    assert (short.seen, default.seen) == (0, ACCEPT_TRIALS)  # each policy observes as it was trained
+    art = export_artifact(train(drift, TrainConfig(timesteps=300, rounds=1, epochs=1, window_s=5.0,
+                                                   load_scales=(1.0,), progress=False, accept_trials=0)).model,
+                          SpecDecodeEnv(drift, window_s=5.0, accept_trials=0))
+    assert LearnedPolicy(art).accept_trials == 0
+
 
 def test_it_learns_to_beat_every_static_k_under_drift(drift):
     """Does it learn: 20k samples; on held-out windows at light load the learned policy must beat the best
