@@ -202,6 +202,15 @@ def requests_for(level: Level, prompts: list[list[int]], max_tokens: int, offset
             for i in range(n)]
 
 
+def closed_loop_prompts(ids: list[int]) -> list[list[int]]:
+    """The closed-loop levels' prompts: 256 of 32-160 corpus tokens, the same in every run."""
+    import numpy as np
+
+    from serving_patch.load import synth_prompts
+
+    return synth_prompts(ids, np.random.default_rng(1).integers(32, 161, size=256), seed=2)
+
+
 def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
     """``(tokens/s, mean request latency s)`` of one run of ``level``; a mixed level's phases run
     back to back and count as one run (all their tokens over all their wall time)."""
@@ -503,10 +512,8 @@ def main() -> int:
     global MIN_REQUESTS, WAVE_REQUESTS
     MIN_REQUESTS, WAVE_REQUESTS = args.min_requests, args.wave_requests
     engine_defaults()
-    import numpy as np
-
     from policies.machine import machine_line
-    from serving_patch.load import corpus_token_ids, synth_prompts
+    from serving_patch.load import corpus_token_ids
     from serving_patch.models import build_tiny_models
     from serving_patch.record import azure_requests
 
@@ -515,7 +522,7 @@ def main() -> int:
                        f"(target {pair.info['target_params'] / 1e6:.1f}M, draft {pair.info['draft_params'] / 1e6:.2f}M "
                        f"params, float32)", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"))
     ids = corpus_token_ids(str(pair.target / "tokenizer.json"))
-    prompts = synth_prompts(ids, np.random.default_rng(1).integers(32, 161, size=256), seed=2)
+    prompts = closed_loop_prompts(ids)
     # the recorded traces' request sizes (record-trace's scaling, Azure conversation from second 1200)
     waves = azure_requests(ids, room=EngineSpec(method="none").max_model_len - 1, start_s=1200.0, seed=3)[:512]
     t0 = time.perf_counter()
