@@ -51,6 +51,21 @@ longer k reads; only that k's own steps show those, so until then it is explored
 ``max_steps`` clean steps).  Off for ``ngram`` (``stream=False``): its proposal can depend on
 where its step started.
 
+In every bucket step times are paired the same way: each clean step of a k with the latest
+unpaired clean steps (up to four, their mean) of each other k at the *same batch size* within
+``pair_window`` records, every step in at most one pair per other k, and where a comparison has
+``min_steps`` pairs the held and cut estimates take the time ratio from them instead of from each
+k's fitted steps.  Fitted steps compare stretches that ran at different times: at batch 16
+(``bench/diag_closed_loop.py``) the VM's speed moved ~10% between the stretch that ran off and the
+one that ran k = 1, and the fits rated k = 1 14% faster where, step by step, the two tied.
+
+Speculation must beat off by ``min_gain`` (3%, like the policy's ``--min-gain``): a move from off
+to k > 0 needs a gain above it (z standard errors up), and after the climb a k > 0 gives way to
+off wherever off is measured in the bucket and no estimate shows k ahead of it by ``min_gain``.
+Clean steps do not show what speculation costs a closed loop on top: at concurrency 16 here k = 1
+tied off step for step but lost 8% end to end, its requests drifting out of step (prefills next
+to decodes, a drain at the end of each wave) where off kept them in lockstep.
+
 Exploration: in a bucket seen at least ``min_seen`` times, the k's next to the current choice
 are run in holds of ``hold`` steps, at most once every ``explore_every`` steps there, until each
 has ``min_steps`` clean steps; measured k's still within noise of the choice are run again, up to
@@ -82,6 +97,8 @@ import random
 from typing import Any
 
 __all__ = ["Batch1Stream", "OnlineCalibration", "bucket_of"]
+
+_PAIR_GROUP = 4  # steps of the other k whose mean log time one step is paired with (at most)
 
 
 def bucket_of(b: int, ratio: float = 1.25) -> int:
@@ -274,7 +291,8 @@ class OnlineCalibration:
                  min_steps: int = 12, max_steps: int = 128, hold: int = 6, explore_every: int = 12,
                  refine_every: int = 60, z: float = 2.0, margin: float = 0.005, resolve: float = 0.04,
                  min_requests: int = 64, cap: int = 256, accept_decay: float = 0.998,
-                 stream: bool = True, stream_chunks: int = 8, min_context: int = 32, pair_window: int = 16):
+                 stream: bool = True, stream_chunks: int = 8, min_context: int = 32, pair_window: int = 16,
+                 min_gain: float = 0.03):
         if max_k < 1 or max_num_seqs < 1:
             raise ValueError(f"need max_k >= 1 and max_num_seqs >= 1, got {max_k} and {max_num_seqs}")
         if not (1 <= min_steps <= max_steps <= cap) or hold < 2 or explore_every < 1 or min_seen < 1:
@@ -290,6 +308,9 @@ class OnlineCalibration:
         if min_requests < 1:
             raise ValueError(f"min_requests must be >= 1 (decoding requests before an acceptance counts), "
                              f"got {min_requests}")
+        if not 0 <= min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1) (the gain over off that speculation must show), "
+                             f"got {min_gain}")
         if stream_chunks < 2 or min_context < 1 or pair_window < 1:
             raise ValueError(f"need stream_chunks >= 2, min_context >= 1 and pair_window >= 1 (batch-1 stream), "
                              f"got {stream_chunks}, {min_context} and {pair_window}")
@@ -297,7 +318,7 @@ class OnlineCalibration:
         self.min_seen, self.min_steps, self.max_steps, self.hold = min_seen, min_steps, max_steps, hold
         self.explore_every, self.refine_every = explore_every, refine_every
         self.z, self.margin, self.resolve, self.cap, self.decay = z, margin, resolve, cap, accept_decay
-        self.min_requests = min_requests
+        self.min_requests, self.min_gain = min_requests, max(min_gain, margin)
         nb, nk = max_num_seqs + 1, max_k + 1
         self.bucket = [bucket_of(b) if b else 0 for b in range(nb)]
         self.nbuckets = self.bucket[-1] + 1
@@ -328,12 +349,13 @@ class OnlineCalibration:
         self._steps_at = [0] * nb                     # clean steps per batch size, any k (uncapped)
         self._busiest = [m[0] if m else 0 for m in self.members]  # per bucket: the size with most of them
         self._decided: dict[int, int] = {}            # bucket -> the policy's k its decision was made for
-        # batch 1: the acceptance stream (every k's steps over the same tokens) and step times
-        # paired with the nearest other k's (decayed n, sum d, sum d^2 of d = log T_i - log T_j)
+        # batch 1: the acceptance stream (every k's steps over the same tokens); every bucket:
+        # clean step times paired with the nearest other k's at the same batch size (per bucket
+        # and pair of k's, decayed n, sum d, sum d^2 of d = log T_i - log T_j, and the pairs counted)
         self.stream = Batch1Stream(max_k) if stream else None
         self.stream_chunks, self.min_context, self.pair_window = stream_chunks, min_context, pair_window
-        self._last_t: list[tuple[int, float] | None] = [None] * nk
-        self.tpair = [[[0.0, 0.0, 0.0] for _ in range(nk)] for _ in range(nk)]
+        self._unpaired: list[list[list[tuple[int, float]]]] = [[[] for _ in range(nk)] for _ in range(nb)]
+        self.tpair = [[[[0.0, 0.0, 0.0, 0] for _ in range(nk)] for _ in range(nk)] for _ in range(self.nbuckets)]
         self.records = self.clean = self.explorations = self.explore_steps = 0
 
     def resume(self) -> None:
@@ -344,7 +366,7 @@ class OnlineCalibration:
         self._dirty = True
         if self.stream is not None:
             self.stream.brk()
-        self._last_t = [None] * (self.max_k + 1)
+        self._unpaired = [[[] for _ in range(self.max_k + 1)] for _ in range(self.max_num_seqs + 1)]
 
     # ------------------------------------------------------------------ measurements
     def observe(self, rec: dict[str, Any]) -> None:
@@ -397,30 +419,49 @@ class OnlineCalibration:
         s[4] = s[4] * dec + b * b
         s[5] = s[5] * dec + b * ms
         s[6] = s[6] * dec + ms * ms
-        if b == 1 and self.stream is not None:
-            self._pair_time(k, ms)
+        self._pair_time(g, b, k, ms)
 
-    def _pair_time(self, k: int, ms: float) -> None:
-        """A clean batch-1 step of k against the latest clean step of every other k within
-        ``pair_window`` records: step time compared step by step, so a machine that speeds up
-        or slows down over minutes (30% within a benchmark run here) moves both sides alike."""
-        lt, now, dec = math.log(ms), self.records, self._wdecay
-        for j, last in enumerate(self._last_t):
-            if j == k or last is None or now - last[0] > self.pair_window:
+    def _pair_time(self, g: int, b: int, k: int, ms: float) -> None:
+        """A clean step of k at batch size b paired with the latest (up to ``_PAIR_GROUP``) clean
+        steps of each other k at the same batch size within ``pair_window`` records that no step
+        has been paired with yet (their mean log time): step time compared step by step, so a
+        machine that speeds up or slows down over minutes (30% within a benchmark run here; ~10%
+        between the stretches that ran k = 0 and k = 1 at batch 16 in bench/diag_closed_loop.py)
+        moves both sides alike.  Each step enters at most one pair per other k, so the pairs'
+        spread is an honest standard error (a step reused for a whole hold's pairs would carry its
+        own noise into all of them), and the side that runs all the time lends several steps to
+        each of the explored k's, so a pair's noise is ~(1 + 1/4) of one step's variance, not 2.
+        A step that found no partner waits for one."""
+        lt, now, dec, open_b = math.log(ms), self.records, self._wdecay, self._unpaired[b]
+        pairs, paired = self.tpair[g], False
+        for j, waiting in enumerate(open_b):
+            if j == k or not waiting:
                 continue
-            d = lt - last[1]
-            for a, b, x in ((k, j, d), (j, k, -d)):
-                p = self.tpair[a][b]
+            while waiting and now - waiting[0][0] > self.pair_window:
+                waiting.pop(0)
+            if not waiting:
+                continue
+            take = waiting[-_PAIR_GROUP:]
+            del waiting[-_PAIR_GROUP:]
+            d = lt - sum(x[1] for x in take) / len(take)
+            paired = True
+            for a, c, x in ((k, j, d), (j, k, -d)):
+                p = pairs[a][c]
                 p[0] = p[0] * dec + 1.0
                 p[1] = p[1] * dec + x
                 p[2] = p[2] * dec + x * x
-        self._last_t[k] = (now, lt)
+                p[3] = min(p[3] + 1, self.cap)
+        if not paired:
+            mine = open_b[k]
+            mine.append((now, lt))
+            if len(mine) > self.pair_window:
+                mine.pop(0)
 
-    def time_ratio(self, k: int, base: int) -> tuple[float, float] | None:
-        """(mean log step time of k minus ``base``'s at batch 1, paired step by step, and its
-        standard error), or None before ``min_steps`` pairs."""
-        n, sd, sdd = self.tpair[k][base]
-        if n < self.min_steps:
+    def time_ratio(self, k: int, base: int, g: int = 1) -> tuple[float, float] | None:
+        """(mean log step time of k minus ``base``'s in bucket g, paired step by step at the same
+        batch size, and its standard error), or None before ``min_steps`` pairs."""
+        n, sd, sdd, count = self.tpair[g][k][base]
+        if count < self.min_steps or self.cn[g][k] < self.min_steps or self.cn[g][base] < self.min_steps:
             return None
         m = sd / n
         return m, math.sqrt(max(sdd / n - m * m, 0.0) / max(n - 1.0, 1.0))
@@ -583,25 +624,51 @@ class OnlineCalibration:
             return None, None, st
         held = cut = None
         r0, t0, a0 = ref
-        r = self.rate(g, k, fit) if r0 is not None and self._trusted(k) else None
-        if r is not None:
-            held = (r[0] / r0[0] - 1.0, math.hypot(r[1], r0[1]))
-        if 0 < k < base and t0 is not None and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
-            t = self._time(g, k, fit)
-            if t is not None:
-                a = a0 - loss[0]
-                cut = ((1.0 + a) / (1.0 + a0) * t0[0] / t[0] - 1.0, math.hypot(t[1], t0[1], loss[1] / (1.0 + a)))
+        # base's step time over k's (ratio, relative standard error): paired step by step where
+        # min_steps pairs exist, so that drift between the stretches that ran each k cancels;
+        # else from each k's own fitted steps
+        tp = self.time_ratio(k, base, g)
+        if tp is not None:
+            tr = (math.exp(-tp[0]), tp[1])
+        elif t0 is not None and (t := self._time(g, k, fit)) is not None:
+            tr = (t0[0] / t[0], math.hypot(t[1], t0[1]))
+        else:
+            return None, None, None
+        if r0 is not None and self._trusted(k):
+            a = self.accept(k)
+            held = ((1.0 + a) / (1.0 + a0) * tr[0] - 1.0,
+                    math.hypot(tr[1], self.accept_se(k) / (1.0 + a), self.accept_se(base) / (1.0 + a0)))
+        if 0 < k < base and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
+            a = a0 - loss[0]
+            cut = ((1.0 + a) / (1.0 + a0) * tr[0] - 1.0, math.hypot(tr[1], loss[1] / (1.0 + a)))
         return held, cut, None
 
     # ------------------------------------------------------------------ decisions
-    def _beats(self, gain: float, se: float) -> bool:
-        """Whether a gain is above zero by more than noise (z standard errors) and the margin."""
-        return gain > self.margin and gain > self.z * se
+    def _beats(self, gain: float, se: float, bar: float | None = None) -> bool:
+        """Whether a gain clears the bar (``margin`` unless given) by more than noise: above it,
+        and above zero by z standard errors."""
+        return gain > (self.margin if bar is None else bar) and gain > self.z * se
 
-    def _could_beat(self, gain: float, se: float) -> bool:
-        """Whether a gain may still turn out to clear the margin (its upper bound, z standard
-        errors up, does): refining a k that cannot is spending steps on a decision already made."""
-        return gain + self.z * se > self.margin
+    def _could_beat(self, gain: float, se: float, bar: float | None = None) -> bool:
+        """Whether a gain may still turn out to clear the bar (its upper bound, z standard errors
+        up, does): refining a k that cannot is spending steps on a decision already made."""
+        return gain + self.z * se > (self.margin if bar is None else bar)
+
+    def _bar(self, k: int, base: int) -> float:
+        """The gain k must show over ``base`` to replace it: ``min_gain`` for speculating where
+        ``base`` is off, else ``margin``."""
+        return self.min_gain if base == 0 and k > 0 else self.margin
+
+    def _holds_over_off(self, g: int, k: int, fit) -> bool | None:
+        """Whether k > 0 beats off in bucket g by ``min_gain`` (some estimate clears it), or None
+        while off or k is not measured well enough there to say."""
+        ref = self._ref(g, 0, fit)
+        if ref[1] is None:
+            return None
+        est = [e for e in self._gains(g, k, 0, fit, ref) if e is not None]
+        if not est:
+            return None
+        return any(self._beats(*e, self.min_gain) for e in est)
 
     def _resolvable(self, gain: float, se: float, n: int) -> bool:
         """Whether refining to ``max_steps`` clean steps can decide a gain: its standard error,
@@ -634,13 +701,16 @@ class OnlineCalibration:
             for k in range(self.max_k + 1):
                 if k in seen:
                     continue
-                won = [e[0] for e in self._gains(g, k, cur, fit, ref) if e is not None and self._beats(*e)]
+                bar = self._bar(k, cur)
+                won = [e[0] for e in self._gains(g, k, cur, fit, ref) if e is not None and self._beats(*e, bar)]
                 if won and max(won) > best_gain:
                     best, best_gain = k, max(won)
             if best == cur:
                 break
             cur = best
             seen.add(cur)
+        if cur > 0 and self.min_gain > self.margin and self._holds_over_off(g, cur, fit) is False:
+            return 0
         return cur
 
     def _to_explore(self, g: int, cur: int) -> int | None:
@@ -661,20 +731,32 @@ class OnlineCalibration:
             if k == cur:
                 continue
             n = self.cn[g][k]
+            # the evidence the comparison rests on: its step-time pairs once there are min_steps
+            # (k may have run long stretches as the choice, far from cur's steps), else k's steps
+            npair = self.tpair[g][k][cur][3]
+            m = npair if npair >= self.min_steps else n
             if abs(k - cur) == 1 and n < self.min_steps:
                 want = True
             elif g == 1 and abs(k - cur) == 1 and n < self.max_steps and self._context_short(k, cur):
                 want = True  # the stream needs the longer one's last position seen (its own steps)
-            elif self.min_steps <= n < self.max_steps:
+            elif (g == 1 and abs(k - cur) == 1 and n < self.max_steps and self.stream is not None
+                  and self.tpair[1][k][cur][3] < self.min_steps):
+                want = True  # and min_steps step-time pairs (a step enters one pair per other k)
+            elif k == 0 and cur > 0 and self.min_gain > self.margin and self._holds_over_off(g, cur, fit) is not None:
+                want = False  # choose() keeps a k > 0 over measured off only once it has shown min_gain
+            elif n >= self.min_steps and m < self.max_steps:
                 held, cut, stream = self._gains(g, k, cur, fit, ref)
                 est = [e for e in (held, cut, stream) if e is not None]
                 fair = held or stream  # the estimate that may say k loses (cut's bias runs against k)
+                bar = self._bar(k, cur)
                 # within noise: no estimate says k wins and the fair one does not say it loses;
-                # and some estimate still lets it win
-                want = (bool(est) and not any(self._beats(*e) for e in est)
+                # and some estimate still lets it win; refined at the quick pace while it measures
+                # ahead (of off: by the bar)
+                want = (bool(est) and not any(self._beats(*e, bar) for e in est)
                         and not (fair is not None and self._beats(-fair[0], fair[1]))
-                        and any(self._could_beat(*e) and self._resolvable(*e, n) for e in est)
-                        and (max(e[0] for e in est) > 0 or self.since[g] >= self.refine_every))
+                        and any(self._could_beat(*e, bar) and self._resolvable(*e, m) for e in est)
+                        and (max(e[0] for e in est) > (0.0 if bar == self.margin else bar)
+                             or self.since[g] >= self.refine_every))
             else:
                 want = False
             if want and (pick_n is None or n < pick_n):

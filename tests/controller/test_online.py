@@ -57,6 +57,12 @@ def cost_k1_best(b, k):
     return 20.0 + 2.0 * b + [0.0, 4.0, 12.0, 19.0, 27.0][k]
 
 
+def cost_k1_clear(b, k):
+    # k = 1 5% ahead of k = 2, 14% of k = 3, at batch 4 (cost_k1_best's 2% between k = 1 and 2
+    # takes more than a thousand steps of paired step times to decide)
+    return 20.0 + 2.0 * b + [0.0, 3.0, 12.0, 19.0, 27.0][k]
+
+
 def test_overrides_the_policy_where_another_k_measures_faster():
     eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.6, seed=1)
     rates = {k: expected_rate(eng, 4, k) for k in range(5)}
@@ -81,9 +87,9 @@ def test_keeps_the_policy_where_it_is_right_and_stops_exploring():
     table, ks = run(cal, eng, prior, 4000)
     assert table == prior and cal.stats()["overrides"] == {}
     # k = 2 is 2% slower: within noise of a dozen steps, so it is re-run, but only one hold per
-    # refine_every steps (not a third of the steps), until it has max_steps clean steps
-    refining = sum(k != 3 for k in ks[1000:2000])
-    assert 0 < refining <= 1000 * cal.hold / cal.refine_every * 1.2
+    # refine_every steps (not a third of the steps), until it can no longer win
+    refining = sum(k != 3 for k in ks[100:1000])
+    assert 0 < refining <= 900 * cal.hold / cal.refine_every * 1.2
     explored_late = sum(k != 3 for k in ks[-1000:])
     assert explored_late <= 20  # the neighbours were measured, found slower; no more holds
     assert cal.explorations >= 2  # both neighbours (2 and 4) were tried
@@ -215,15 +221,21 @@ def test_a_contender_that_can_no_longer_win_is_not_refined_to_max_steps():
     def verify(b, k):
         return 20.0 + b * (2.0 + [0.0, 0.5, 1.0, 1.3, 2.6][k])
 
-    for seed in range(3):
+    # (how soon depends on the held estimate's acceptance noise, ~1% at 12..128 steps: per seed
+    # anywhere from 30 to 130 clean steps of k = 2, so the bounds are on the mean over seeds)
+    counts, late = [], []
+    for seed in range(8):
         eng = LaggedEngine(verify, lambda b, k: 0.0, noise=0.01, seed=seed)
         rates = {k: expected_rate(eng, 32, k) for k in range(5)}
         assert max(rates, key=rates.get) == 3 and 0.97 < rates[2] / rates[3] < 0.98
         cal = OnlineCalibration(max_k=4, max_num_seqs=32)
         table, ks = run(cal, eng, (0,) + (3,) * 32, 3000, batch=lambda i: 32)
         g = bucket_of(32)
-        assert table[32] == 3 and cal.min_steps <= cal.cn[g][2] < cal.max_steps // 2 + 20, cal.cn[g]
-        assert sum(k != 3 for k in ks[-1500:]) <= 2 * (cal.hold + 1)  # refining every 60 steps: ~140
+        assert table[32] == 3 and cal.cn[g][2] >= cal.min_steps, cal.cn[g]
+        counts.append(cal.cn[g][2])
+        late.append(sum(k != 3 for k in ks[-1500:]))
+    assert sum(counts) / 8 < 0.8 * cal.max_steps, counts
+    assert sum(late) / 8 <= 2 * (cal.hold + 1), late  # refining every 60 steps to the end: ~140
 
 
 def test_cut_steps_measure_what_a_shorter_k_loses_on_the_same_steps():
@@ -418,3 +430,68 @@ def test_batch_one_step_times_are_compared_step_by_step_through_drift():
     assert m == pytest.approx(math.log(23.3 / 24.4), abs=max(3 * se, 0.006))
     assert se < 0.006
     assert cal.time_ratio(1, 3) is None  # never ran
+
+
+# ---------------------------------------------------------------- every bucket: paired step times, min_gain
+
+class DriftingEngine(LaggedEngine):
+    """LaggedEngine on a machine whose speed moves by ``speed(i)`` (a factor on the step time)."""
+
+    def __init__(self, *args, speed, **kw):
+        super().__init__(*args, **kw)
+        self.speed, self.i = speed, 0
+
+    def step(self, b, k, prefill=0):
+        rec = super().step(b, k, prefill)
+        rec["step_ms"] *= self.speed(self.i)
+        self.i += 1
+        return rec
+
+
+def tie_at_16(gain):
+    """Step ms at batch 16 where k = 1 (acceptance 0.6) decodes ``gain`` faster than off."""
+    return lambda b, k: {0: 100.0, 1: 100.0 * 1.6 / (1 + gain)}.get(k, 400.0)
+
+
+def test_step_times_are_paired_at_the_same_batch_size_in_every_bucket():
+    # bench/diag_closed_loop.py: at batch 16 k = 1 ran its own stretch while the machine was fast,
+    # off another while it was 30% slower.  Fitted per k, those stretches put k = 1 ~30% ahead; its
+    # steps paired with the nearest off steps at the same batch size keep the true ratio (1.6 here)
+    speed = lambda i: 1.0 if i < 1500 else 1.3  # noqa: E731
+    eng = DriftingEngine(tie_at_16(0.0), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=11, speed=speed)
+    cal = OnlineCalibration(max_k=2, max_num_seqs=32, min_seen=10 ** 9)
+    for i in range(3000):  # k = 1 with a hold of off every 40 steps, then off with holds of k = 1
+        main, other = (1, 0) if i < 1500 else (0, 1)
+        cal.observe(eng.step(16 + i % 2, other if i % 40 >= 34 else main))
+    g = bucket_of(16)
+    m, se = cal.time_ratio(1, 0, g)
+    assert m == pytest.approx(math.log(1.6), abs=max(3 * se, 0.01)) and se < 0.01
+    assert cal.time_ratio(1, 0, bucket_of(4)) is None  # nothing ran there
+    fit = cal._fit(g)
+    fitted = cal._time(g, 1, fit)[0] / cal._time(g, 0, fit)[0]
+    assert abs(math.log(fitted) - math.log(1.6)) > 0.1  # the setting: the fits alone are skewed
+    held = cal._gains(g, 1, 0, fit, cal._ref(g, 0, fit))[0]
+    assert held[0] == pytest.approx(0.0, abs=max(3 * held[1], 0.02))  # the tie, through the drift
+    assert cal.choose(g, 0) == 0 and cal.choose(g, 1) == 0  # and k = 1 shows no min_gain over off
+
+
+@pytest.mark.parametrize("gain, prior, want", [(0.01, 1, 0), (0.01, 0, 0), (0.12, 0, 1), (0.12, 1, 1)])
+def test_speculation_must_beat_off_by_min_gain(gain, prior, want):
+    # at batch 16 a clean step shows k = 1 within a few per cent of off, where the engine loses 8%
+    # end to end to requests drifting out of step (bench/diag_closed_loop.py): speculating there
+    # needs a measured gain over off of min_gain (3%); +12% clears it, +1% does not
+    picks = []
+    for seed in range(3):
+        eng = LaggedEngine(tie_at_16(gain), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=seed)
+        cal = OnlineCalibration(max_k=2, max_num_seqs=32)
+        table, ks = run(cal, eng, (0,) + (prior,) * 32, 2500, batch=lambda i: 16)
+        picks.append(table[16])
+        assert ks[-500:].count(want) / 500 > 0.85, (seed, cal.stats())
+    assert picks == [want] * 3
+    # with min_gain 0 a +1% k = 1 the policy chose stays (off does not beat it)
+    if gain == 0.01 and prior == 1:
+        eng = LaggedEngine(tie_at_16(gain), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=0)
+        cal = OnlineCalibration(max_k=2, max_num_seqs=32, min_gain=0.0)
+        assert run(cal, eng, (0,) + (1,) * 32, 2500, batch=lambda i: 16)[0][16] == 1
+    with pytest.raises(ValueError, match="min_gain"):
+        OnlineCalibration(max_k=2, max_num_seqs=8, min_gain=1.5)

@@ -419,7 +419,7 @@ def test_a_repeated_table_after_expiry_is_served_again_not_the_fallback():
 
 
 def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survives_a_source_switch(tmp_path):
-    from tests.controller.test_online import LaggedEngine, cost_k1_best
+    from tests.controller.test_online import LaggedEngine, cost_k1_clear
 
     path = str(policy(tmp_path, k_by_bias=3))
     ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_CALIBRATE": "1", "SPEC_CONTROLLER_REFRESH_S": "20"})
@@ -427,7 +427,7 @@ def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survi
         cal = ctl.source.calibration
         assert cal is not None
         assert ctl.choose(4) == 3  # the policy's k until the engine's steps say otherwise
-        eng = LaggedEngine(cost_k1_best, lambda b, k: 0.0, alpha=0.6, seed=7)
+        eng = LaggedEngine(cost_k1_clear, lambda b, k: 0.0, alpha=0.6, seed=7)
         for _ in range(1500):
             ctl.source.on_step(eng.step(4, ctl.choose(4)))
             ctl.refresh_now()
