@@ -721,7 +721,10 @@ class OnlineCalibration:
         only every ``refine_every`` (each hold costs little, but deciding a gap of a per cent
         takes many holds, and those would otherwise take a third of the bucket's steps), and
         only while they could still beat it and refining them to ``max_steps`` could tell
-        (:meth:`_resolvable`)."""
+        (:meth:`_resolvable`).  ``max_steps`` counts the comparison's step-time pairs once it has
+        ``min_steps`` of them (a k may have run long stretches as the choice, far from the current
+        k's steps), else k's clean steps.  Next to off, a k > 0 has to clear ``min_gain``, not
+        ``margin``, and off is not refined next to a k > 0 that has shown it (:meth:`choose`)."""
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)

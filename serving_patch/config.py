@@ -26,6 +26,9 @@ variables reach every vLLM process, the spawned EngineCore included).
                                   the engine's own steps (measured rate per batch size and k,
                                   short exploration holds next to the policy's k;
                                   :mod:`controller.online`); 0: the policy as trained
+``SPEC_CONTROLLER_MIN_GAIN``        the gain over off (measured in the same batch-size bucket)
+                                  the calibration needs before it keeps or starts
+                                  speculating there (0.03; 0 = any gain beyond noise)
 ``SPEC_CONTROLLER_DECIDE_EVERY``    steps between the embedded policy's decisions (4); a queue
                                   change, or the calibration ending an exploration hold,
                                   decides at once.  1 = at every step (the refresher's CPU
@@ -125,6 +128,7 @@ class PluginConfig:
     lazy_drafter: bool = True
     catchup_max_tokens: int = 0
     calibrate: bool = True
+    min_gain: float = 0.03
     decide_every: int = 4
     seed: int = 0
     engine_id: str = ""
@@ -187,6 +191,7 @@ class PluginConfig:
             lazy_drafter=_bool(env, "SPEC_CONTROLLER_LAZY_DRAFTER", True),
             catchup_max_tokens=_int(env, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS", 0, 0),
             calibrate=_bool(env, "SPEC_CONTROLLER_CALIBRATE", True),
+            min_gain=_float(env, "SPEC_CONTROLLER_MIN_GAIN", 0.03, 0.0, 0.5),
             decide_every=_int(env, "SPEC_CONTROLLER_DECIDE_EVERY", 4, 1),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",

@@ -168,7 +168,7 @@ class StepController:
         self._thread: threading.Thread | None = None
         self._orig_lookup = scheduler.dynamic_sd_lookup
         self.controlling = False
-        self.calibrate = cfg.calibrate
+        self.calibrate, self.min_gain = cfg.calibrate, cfg.min_gain
         self._calibrations: dict[str, Any] = {}  # policy path -> its OnlineCalibration (kept across set_source)
 
         if cfg.controls_k:
@@ -494,7 +494,8 @@ class StepController:
 
             # the batch-1 stream needs a drafter whose proposal for a position depends only on
             # the tokens before it; ngram's can depend on where its step started (a later match)
-            cal = OnlineCalibration(self.max_k, self.max_num_seqs, stream=self.method not in ("ngram", "suffix"))
+            cal = OnlineCalibration(self.max_k, self.max_num_seqs, stream=self.method not in ("ngram", "suffix"),
+                                    min_gain=self.min_gain)
             self._calibrations[arg] = cal
         else:
             cal.resume()

@@ -448,7 +448,10 @@ def test_calibration_overrides_the_embedded_policy_from_measured_steps_and_survi
 def test_calibration_is_on_by_default_and_only_for_the_embedded_policy(tmp_path):
     path = str(policy(tmp_path, k_by_bias=3))
     ctl, _ = make({"SPEC_CONTROLLER": path})
-    assert ctl.source.calibration is not None
+    assert ctl.source.calibration is not None and ctl.source.calibration.min_gain == 0.03
+    ctl.close()
+    ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_MIN_GAIN": "0.1"})
+    assert ctl.source.calibration.min_gain == 0.1  # the operator's bar for speculating over off
     ctl.close()
     ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_CALIBRATE": "0"})
     assert ctl.source.calibration is None and ctl.choose(4) == 3
