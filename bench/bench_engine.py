@@ -319,6 +319,8 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     srcs = dict(configs)
     for c in levels if confirm_rounds else ():
         best = max(STATICS, key=lambda n: rows[n][c][0])
+        print(f"confirm {c}: the table's best of off & static k is {best} ({rows[best][c][0]:.1f} tok/s; learned "
+              f"{rows['learned'][c][0]:.1f})", file=sys.stderr, flush=True)
         # --confirm-pair: learned and the best only, twice the rounds in the same time (the A/A levels)
         names = list(dict.fromkeys(["learned", best] + ([] if confirm_pair else ["off (ctl)", VLLM_PASS, "no-spec"])))
         runs: dict[str, list[float]] = {n: [] for n in names}
@@ -335,6 +337,10 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                         st = ctl.stats()
                         add_k(ckmix, name, c, st)
                         keep_calibration(c, st)
+            # one line per round as it ends (stderr): a long confirmation shows its progress, and an
+            # interrupted one leaves its rounds behind
+            print(f"confirm {c} round {i + 1}/{confirm_rounds}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in names)
+                  + f" tok/s; learned / {best} {runs['learned'][-1] / runs[best][-1]:.3f}", file=sys.stderr, flush=True)
         drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs, "learned_k_steps": ckmix.get("learned", {}).get(c)}
 
