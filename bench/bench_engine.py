@@ -3,7 +3,7 @@
     python bench/bench_engine.py [--methods draft_model ngram] [--concurrency 1 4 16 32] [--waves 32 8]
                                  [--mixed 1 32]
                                  [--policy DIR_OR_policy.json | --traces GLOB...] [--max-tokens 64]
-                                 [--min-requests 12]
+                                 [--min-requests 12] [--per-concurrency 3]
                                  [--wave-requests 64] [--repeats 2] [--confirm ROUNDS [--confirm-pair]]
                                  [--margin 0.02]
 
@@ -64,6 +64,13 @@ a margin (``--margin``, default 2%): the interval's low end at or above 0.98, a 
 test.  The confirmation judges every level so and ends with one line: not worse at every level,
 and above at which.  ``--confirm-pair`` runs only learned and the best in its rounds (no off /
 no-spec runs), so the same time buys twice the pairs.
+
+On a shared VM the machine's speed wanders by several per cent on a scale of about ten seconds
+(AMD EPYC 2-core VM, 2026-12-04: 10 s runs at c=4 spread 7.8% run to run, adjacent runs
+correlated 0.48, runs two apart 0.09), so a round's two runs see the same machine only if they
+are short: ``--min-requests 2 --per-concurrency 1`` makes a closed-loop run one wave of c
+equal-length requests (the batch at c through its decode), a few seconds at low concurrency, and
+buys more, tighter pairs in the same time.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ from serving_patch.engine import EngineSpec, close_llm, engine_defaults, make_ll
 MAX_K = 4
 VLLM_PASS = "off (vllm)"
 STATICS = ["off (ctl)"] + [f"k={k}" for k in range(1, MAX_K + 1)]  # the choices; "off (vllm)" is the same k as off
-MIN_REQUESTS = 12  # requests per closed-loop level: max(MIN_REQUESTS, 3 x c); --min-requests
+MIN_REQUESTS = 12  # requests per closed-loop level: max(MIN_REQUESTS, PER_C x c); --min-requests
+PER_C = 3  # --per-concurrency
 WAVE_REQUESTS = 64  # requests per wave level (in waves of n, the last one smaller); --wave-requests
 
 
@@ -197,7 +205,7 @@ def requests_for(level: Level, prompts: list[list[int]], max_tokens: int, offset
         sized = waves[offset % len(waves):] + waves[:offset % len(waves)]
         return [LoadRequest(f"{level}-{offset}-{i}", 0.0, r.prompt_token_ids, r.max_tokens)
                 for i, r in enumerate(sized[:WAVE_REQUESTS])]
-    n = max(MIN_REQUESTS, 3 * level.n)
+    n = max(MIN_REQUESTS, PER_C * level.n)
     return [LoadRequest(f"{level}-{offset}-{i}", 0.0, prompts[(offset + i) % len(prompts)], max_tokens)
             for i in range(n)]
 
@@ -488,7 +496,12 @@ def main() -> int:
                          "trained)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=12,
-                    help="requests per level are max(this, 3 x concurrency); more = less noise at low concurrency")
+                    help="requests per closed-loop run are max(this, --per-concurrency x concurrency)")
+    ap.add_argument("--per-concurrency", type=int, default=3,
+                    help="requests per closed-loop run are at least this many per slot (default 3). Fewer, shorter "
+                         "runs (e.g. --min-requests 2 --per-concurrency 1: one wave of equal-length requests, the "
+                         "batch at c throughout its decode) suit a paired confirmation on a VM whose speed wanders on "
+                         "a scale of seconds: the two runs of a round see more of the same machine")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
     ap.add_argument("--confirm", type=int, default=0, metavar="ROUNDS",
@@ -515,8 +528,11 @@ def main() -> int:
                  f"got {[str(lv) for lv in levels]}")
     if args.waves and not 1 <= args.wave_requests <= 512:
         ap.error(f"--wave-requests must be in [1, 512], got {args.wave_requests}")
-    global MIN_REQUESTS, WAVE_REQUESTS
-    MIN_REQUESTS, WAVE_REQUESTS = args.min_requests, args.wave_requests
+    if args.min_requests < 1 or args.per_concurrency < 1:
+        ap.error(f"--min-requests and --per-concurrency must be >= 1, got {args.min_requests} and "
+                 f"{args.per_concurrency}")
+    global MIN_REQUESTS, PER_C, WAVE_REQUESTS
+    MIN_REQUESTS, PER_C, WAVE_REQUESTS = args.min_requests, args.per_concurrency, args.wave_requests
     engine_defaults()
     from policies.machine import machine_line
     from serving_patch.load import corpus_token_ids
