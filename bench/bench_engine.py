@@ -332,6 +332,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
         # --confirm-pair: learned and the best only, twice the rounds in the same time (the A/A levels)
         names = list(dict.fromkeys(["learned", best] + ([] if confirm_pair else ["off (ctl)", VLLM_PASS, "no-spec"])))
         runs: dict[str, list[float]] = {n: [] for n in names}
+        lk: list[int] = []
         for i in range(confirm_rounds):
             for name in (names if i % 2 == 0 else names[::-1]):
                 if name == "no-spec":
@@ -345,10 +346,12 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                         st = ctl.stats()
                         add_k(ckmix, name, c, st)
                         keep_calibration(c, st)
+                        lk = st["k_steps"]
             # one line per round as it ends (stderr): a long confirmation shows its progress, and an
             # interrupted one leaves its rounds behind
             print(f"confirm {c} round {i + 1}/{confirm_rounds}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in names)
-                  + f" tok/s; learned / {best} {runs['learned'][-1] / runs[best][-1]:.3f}", file=sys.stderr, flush=True)
+                  + f" tok/s; learned / {best} {runs['learned'][-1] / runs[best][-1]:.3f}; learned's steps by k "
+                  + " ".join(f"k={k} {n}" for k, n in enumerate(lk) if n), file=sys.stderr, flush=True)
         drafter.set_lazy(True)
         confirm[c] = {"best": best, "runs": runs, "learned_k_steps": ckmix.get("learned", {}).get(c)}
 
