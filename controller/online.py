@@ -62,8 +62,9 @@ one that ran k = 1, and the fits rated k = 1 14% faster where, step by step, the
 Speculation must beat off by ``min_gain`` (3%, like the policy's ``--min-gain``): a move from off
 to k > 0 needs a gain above it (z standard errors up), and after the climb a k > 0 gives way to
 off where a fair estimate (held or stream) shows it short of ``min_gain`` (its upper bound, z
-standard errors up, below it); while neither is shown, k stands (absence of proof is not a
+standard errors up, below it); while neither is shown, k stays (absence of proof is not a
 shortfall: at batch 1 a k = 1 15% ahead of off went off whenever its standard error swelled).
+Where the policy says off, k > 0 has to clear ``min_gain`` to be chosen at all.
 Clean steps do not show what speculation costs a closed loop on top: at concurrency 16 here k = 1
 tied off step for step but lost 8% end to end, its requests drifting out of step (prefills next
 to decodes, a drain at the end of each wave) where off kept them in lockstep.
@@ -719,6 +720,8 @@ class OnlineCalibration:
                 break
             cur = best
             seen.add(cur)
+        # where the policy says off, the climb above needed k to clear min_gain over off; a k > 0
+        # gives way to off once shown short of it, not merely for lack of proof (see _holds_over_off)
         if cur > 0 and self.min_gain > self.margin and self._holds_over_off(g, cur, fit) is False:
             return 0
         return cur

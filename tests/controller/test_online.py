@@ -526,3 +526,16 @@ def test_speculation_gives_way_to_off_only_where_shown_short_of_min_gain():
         late = ks[1000:]
         assert late.count(0) / len(late) < 0.02, (seed, cal.stats())
         assert late.count(1) / len(late) > 0.75, (seed, [late.count(k) for k in range(5)])
+
+
+def test_undecided_against_off_the_policys_side_stands():
+    # batch 16, k = 1's clean-step lead over off right at min_gain (3%), a wandering machine: where
+    # the policy says off, off stays (k must clear the bar to be chosen: clean steps miss what
+    # speculating costs a closed loop); where the policy speculates, k = 1 stays (not shown short)
+    for prior, want in ((0, 0), (1, 1)):
+        for seed in (0, 1):
+            eng = WanderingEngine(tie_at_16(0.03), lambda b, k: 0.0, alpha=0.6, noise=0.05, seed=seed)
+            cal = OnlineCalibration(max_k=2, max_num_seqs=32)
+            _, ks = run(cal, eng, (0,) + (prior,) * 32, 3000, batch=lambda i: 16)
+            late = ks[1000:]
+            assert late.count(want) / len(late) > 0.9, (prior, seed, [late.count(k) for k in range(3)])
