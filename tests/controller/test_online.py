@@ -480,14 +480,20 @@ def test_speculation_must_beat_off_by_min_gain(gain, prior, want):
     # at batch 16 a clean step shows k = 1 within a few per cent of off, where the engine loses 8%
     # end to end to requests drifting out of step (bench/diag_closed_loop.py): speculating there
     # needs a measured gain over off of min_gain (3%); +12% clears it, +1% does not
+    # (speculate_over_off: the calibration may replace the policy's off at all)
     picks = []
     for seed in range(3):
         eng = LaggedEngine(tie_at_16(gain), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=seed)
-        cal = OnlineCalibration(max_k=2, max_num_seqs=32)
+        cal = OnlineCalibration(max_k=2, max_num_seqs=32, speculate_over_off=True)
         table, ks = run(cal, eng, (0,) + (prior,) * 32, 2500, batch=lambda i: 16)
         picks.append(table[16])
         assert ks[-500:].count(want) / 500 > 0.85, (seed, cal.stats())
     assert picks == [want] * 3
+    if prior == 0:  # by default the policy's off stands, +12% in clean steps or not, and is not explored
+        eng = LaggedEngine(tie_at_16(gain), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=0)
+        cal = OnlineCalibration(max_k=2, max_num_seqs=32)
+        table, ks = run(cal, eng, (0,) + (prior,) * 32, 2500, batch=lambda i: 16)
+        assert table[16] == 0 and ks.count(0) == len(ks) and cal.stats()["explorations"] == 0
     # with min_gain 0 a +1% k = 1 the policy chose stays (off does not beat it)
     if gain == 0.01 and prior == 1:
         eng = LaggedEngine(tie_at_16(gain), lambda b, k: 0.0, alpha=0.6, noise=0.03, seed=0)
@@ -535,7 +541,7 @@ def test_undecided_against_off_the_policys_side_stands():
     for prior, want in ((0, 0), (1, 1)):
         for seed in (0, 1):
             eng = WanderingEngine(tie_at_16(0.03), lambda b, k: 0.0, alpha=0.6, noise=0.05, seed=seed)
-            cal = OnlineCalibration(max_k=2, max_num_seqs=32)
+            cal = OnlineCalibration(max_k=2, max_num_seqs=32, speculate_over_off=True)
             _, ks = run(cal, eng, (0,) + (prior,) * 32, 3000, batch=lambda i: 16)
             late = ks[1000:]
             assert late.count(want) / len(late) > 0.9, (prior, seed, [late.count(k) for k in range(3)])
