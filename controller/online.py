@@ -728,8 +728,8 @@ class OnlineCalibration:
                 break
             cur = best
             seen.add(cur)
-        # where the policy says off, the climb above needed k to clear min_gain over off; a k > 0
-        # gives way to off once shown short of it, not merely for lack of proof (see _holds_over_off)
+        # a k > 0 gives way to off once shown short of min_gain, not merely for lack of proof
+        # (_holds_over_off); from the policy's off, the climb (speculate_over_off) had to clear it
         if cur > 0 and self.min_gain > self.margin and self._holds_over_off(g, cur, fit) is False:
             return 0
         return cur
@@ -848,8 +848,8 @@ class OnlineCalibration:
                  if g < top and self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
         for g in sorted(cands, key=lambda g: -self.seen[g]):
             cur = self._override.get(g, self._prior_of(g, prior))
-            if cur == 0 and not self.speculate_over_off:
-                continue  # nothing to decide there: off stands
+            if not self.speculate_over_off and self._prior_of(g, prior) == 0:
+                continue  # the policy's off stands there: nothing to decide
             k = self._to_explore(g, cur)
             if k is not None:
                 # hold + 1 verifying steps: the first verifies the previous k, the last drafts the next one
