@@ -745,7 +745,8 @@ class OnlineCalibration:
         (:meth:`_resolvable`).  ``max_steps`` counts the comparison's step-time pairs once it has
         ``min_steps`` of them (a k may have run long stretches as the choice, far from the current
         k's steps), else k's clean steps.  Next to off, a k > 0 has to clear ``min_gain``, not
-        ``margin``, and off is not refined next to a k > 0 that has shown it (:meth:`choose`)."""
+        ``margin``, and off is not refined next to a k > 0 once that comparison is decided either way
+        (:meth:`_holds_over_off`)."""
         if self.cn[g][cur] < self.min_steps:
             return None  # the choice itself is not measured yet: nothing to compare with
         fit = self._fit(g)
@@ -767,7 +768,7 @@ class OnlineCalibration:
                   and self.tpair[1][k][cur][3] < self.min_steps):
                 want = True  # and min_steps step-time pairs (a step enters one pair per other k)
             elif k == 0 and cur > 0 and self.min_gain > self.margin and self._holds_over_off(g, cur, fit) is not None:
-                want = False  # choose() keeps a k > 0 over measured off only once it has shown min_gain
+                want = False  # k > 0 vs off is decided (shown clear of min_gain or short of it: choose())
             elif n >= self.min_steps and m < self.max_steps:
                 held, cut, stream = self._gains(g, k, cur, fit, ref)
                 est = [e for e in (held, cut, stream) if e is not None]
