@@ -241,6 +241,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
                  repeats: int = 1, confirm_rounds: int | dict = 0, waves=None, confirm_pair: bool = False,
                  calibrate: bool = True) -> dict:
     """``confirm_rounds``: confirmation rounds at every level, or a dict of them by level."""
+    rounds_at = confirm_rounds if isinstance(confirm_rounds, dict) else {c: confirm_rounds for c in levels}
     from serving_patch import controllers, drafter
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
@@ -323,7 +324,6 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # its level by luck as well as by merit); fresh runs of learned against it, and of off (ctl) against
     # the no-spec engine (kept alive for this), in rounds of alternating order, measure both ratios
     # pair by pair without that selection bias or the drift between engines measured minutes apart
-    rounds_at = confirm_rounds if isinstance(confirm_rounds, dict) else {c: confirm_rounds for c in levels}
     confirm = {}
     ckmix: dict[str, dict[Level, list[int]]] = {}
     srcs = dict(configs)
@@ -411,7 +411,8 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
                   + " ".join(f"k={k} {t}" for k, t in enumerate(b1["tokens_per_step"]) if t is not None))
     if res["confirm"]:
         rounds = sorted({len(conf["runs"]["learned"]) for conf in res["confirm"].values()})
-        print(f"confirmation, {'/'.join(map(str, rounds))} fresh rounds per level (order alternating), ratio of tokens/s run by run: "
+        print(f"confirmation, {'/'.join(map(str, rounds))} fresh rounds per level (order alternating), ratio of "
+              "tokens/s run by run: "
               f"geometric mean [95% CI] -> above / tie / below 1; learned / best also at a {100 * margin:g}% margin "
               f"(not worse: the interval's low end >= {1 - margin:g})")
         verdicts = []
