@@ -284,7 +284,7 @@ def bench_method(method: str, levels: list[Level], prompts, pair, policy: Path, 
     # level by level, each configuration ``repeats`` times in alternating order, so the configurations
     # compared at one level run within minutes of each other and slow drift in the machine hits them alike
     acc: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name, _ in configs}
-    # choose us, hook us, step ms, steps, refresher CPU us (summed over steps)
+    # choose us, hook us, step ms, steps, the source's poll CPU us (summed over steps)
     steps: dict[str, list] = {name: [0, 0, 0.0, 0, 0.0] for name, _ in configs}
     kmix: dict[str, dict[Level, list[int]]] = {name: {} for name, _ in configs}  # steps by the k they ran
 
@@ -457,10 +457,10 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
             f"{c} {rows[VLLM_PASS][c][0] / rows['no-spec'][c][0]:.3f}" for c in levels)
             + "  (vLLM's k = 0: speculative path every step" + (", drafter pass" if method == "draft_model" else "")
             + "; the tax the plugin removes)")
-    print("per-step controller cost (decision = table lookup; whole hook incl. step record; the background "
-          "refresher's CPU, which holds the GIL) vs mean step:")
+    print("per-step controller cost (decision = table lookup; whole hook incl. step record; the source's poll "
+          "CPU: after each step on the engine's thread for the embedded policy and static tables) vs mean step:")
     for name, (choose_us, hook_us, step_ms, steps, refresh_us) in res["overhead"].items():
-        print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, refresher {refresh_us:6.1f} us, "
+        print(f"  {name:<10} decision {choose_us:5.2f} us, hook {hook_us:6.1f} us, poll {refresh_us:6.1f} us, "
               f"step {step_ms:7.2f} ms -> {100 * choose_us / 1000 / step_ms:.4f}% / "
               f"{100 * (choose_us + hook_us) / 1000 / step_ms:.3f}% / "
               f"{100 * (choose_us + hook_us + refresh_us) / 1000 / step_ms:.3f}% ({steps} steps)")

@@ -7,16 +7,20 @@ many tokens per request and the rejection sampler verifies any count up to
 ``num_speculative_tokens``.  The hook replaces that list with :class:`ControlledLookup`,
 whose ``__getitem__`` indexes the controller's newest table (ARCHITECTURE.md contract 4):
 the per-step critical path is a list index, a clock read and the exploration draw
-(~0.5 us, measured into :attr:`StepController.choose_ns`).  A background thread polls the
-decision source (:mod:`serving_patch.sources`) every ``refresh_s`` (20 ms) and swaps in the
-new table; nothing on the step path waits for it.  The poll runs on its own thread but holds
-the GIL that the engine's Python needs, so its CPU time is counted too
-(:attr:`StepController.refresh_ns`), and the embedded policy runs only when a step landed or
-the queue moved since the last poll: evaluated at every tick, it ran 7 times per CPU-engine
-step (draft_model, c=16, 2 cores), 1.7-2.4 ms of CPU per ~120-140 ms step; now once per step,
-with the cheaper :meth:`~controller.artifact.PolicyArtifact.decision`.
-(Waking the thread from each step instead cost the step path a futex call: the hook went
-from ~20 to ~65 us.)
+(~0.5 us, measured into :attr:`StepController.choose_ns`).  A new table comes from the
+decision source (:mod:`serving_patch.sources`): an *inline* source (the embedded policy, a
+static table) is polled on the engine's thread right after each step's record, so the next
+schedule already sees its decision; the sidecar is polled by a background thread every
+``refresh_s`` (20 ms), and nothing on the step path waits for the network.  The background
+thread also runs the inline sources' slow upkeep (re-reading a changed policy file) every
+``reload_s``.  The polls' CPU time is counted in :attr:`StepController.refresh_ns` on either
+thread.  Why inline: a poll on another thread still holds the GIL the engine's Python needs
+and adds two thread switches; the embedded policy polled from the timer (20 ms) cost the
+learned controller 1-1.5% of its steps against static k at the same k on the 2-core VM, for
+~50 us of CPU per step.  The embedded policy runs only when ``decide_every`` (4) steps landed
+or the queue moved since its last decision (evaluated at every 20 ms tick it had run 7 times
+per CPU-engine step at c=16).  (Waking the thread from each step instead cost the step path a
+futex call: the hook went from ~20 to ~65 us.)
 
 Fallbacks, each counted: before the first good decision the configured static k
 (``no_decision``); a poll that raises or returns garbage keeps the last good table
@@ -322,9 +326,12 @@ class StepController:
             self.recorder.ns += _perf_ns() - r0
         else:
             rec["t_s"] = max(0.0, t_start - self.created)
-        if self.source is not None:
-            self.source.on_step(rec)
+        src = self.source
+        if src is not None:
+            src.on_step(rec)
         self.hook_ns += _perf_ns() - t0
+        if src is not None and src.inline:
+            self._poll(src)  # on this thread: the next schedule sees the decision (counted in refresh_ns)
 
     def on_arrival(self, request: Any) -> None:
         n = int(getattr(request, "num_prompt_tokens", 0) or 0)
@@ -348,15 +355,39 @@ class StepController:
     def _run(self) -> None:
         # a timer, not a wake-up per step: waking this thread from the step path costs the step a
         # futex call (~50 us measured on the 2-core VM).  Each poll takes the GIL that the engine's
-        # own Python needs (module docstring); a source with nothing new returns at once
-        while not self._stop.wait(self.config.refresh_s):
-            self.refresh_now()
+        # own Python needs (module docstring), so inline sources are polled on the step path and
+        # this thread only does their slow upkeep (a file reload), every reload_s
+        while True:
+            src = self.source
+            inline = src is not None and src.inline
+            if self._stop.wait(self.config.reload_s if inline else self.config.refresh_s):
+                return
+            src = self.source
+            if src is None:
+                continue
+            if not src.inline:
+                self.refresh_now()
+                continue
+            try:
+                src.background()
+            except Exception as exc:  # noqa: BLE001 -- a failing reload keeps the last good policy
+                self.poll_errors += 1
+                self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
 
     def refresh_now(self) -> bool:
-        """Poll the source once and swap in its decision; never raises.  Returns whether it swapped."""
+        """Run the source's upkeep, poll it once and swap in its decision; never raises.  Returns
+        whether it swapped.  (Engine start, ``set_source``, the timer for non-inline sources, tests.)"""
         src = self.source
         if src is None:
             return False
+        try:
+            src.background()
+        except Exception as exc:  # noqa: BLE001
+            self.poll_errors += 1
+            self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
+        return self._poll(src)
+
+    def _poll(self, src: DecisionSource) -> bool:
         t0 = _thread_ns()  # CPU time of this thread: wall time would count its waits for the GIL
         try:
             return self._refresh(src)

@@ -329,6 +329,8 @@ def test_embedded_source_decides_only_when_something_changed(tmp_path):
     time.sleep(0.01)
     policy(tmp_path, k_by_bias=4)  # a new file (atomic replace), seen at the next reload check
     src.reload_s, src._next_check = 0.0, 0.0
+    assert src.poll(snap) is None  # polls never touch the file (they run on the engine's thread)
+    src.background()  # the controller's background thread: reloads, and the next poll decides with it
     again = src.poll(snap)
     assert again is not None and again.table[3] == (4, 1)
 
@@ -381,26 +383,35 @@ def test_the_end_of_an_exploration_hold_decides_at_once(tmp_path):
     assert ends >= 3 and late == 0 and not cal.urgent
 
 
-def test_the_timer_polls_but_the_policy_runs_only_after_a_step(tmp_path, monkeypatch):
+def test_the_embedded_policy_runs_on_the_step_path_after_a_step_and_reloads_in_the_background(tmp_path, monkeypatch):
     calls = []
     real = PolicyArtifact.decision
     monkeypatch.setattr(PolicyArtifact, "decision", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ctl, sched = make({"SPEC_CONTROLLER": f"embedded:{policy(tmp_path, k_by_bias=2)}",
-                       "SPEC_CONTROLLER_REFRESH_S": "0.005", "SPEC_CONTROLLER_DECIDE_EVERY": "1"})
+    path = policy(tmp_path, k_by_bias=2)
+    ctl, sched = make({"SPEC_CONTROLLER": f"embedded:{path}", "SPEC_CONTROLLER_REFRESH_S": "0.005",
+                       "SPEC_CONTROLLER_RELOAD_S": "0.05", "SPEC_CONTROLLER_DECIDE_EVERY": "1"})
     try:
         assert sched.dynamic_sd_lookup[3] == 2 and len(calls) == 1  # the first decision, at start
+        polls = ctl.polls
         time.sleep(0.1)
-        assert ctl.polls >= 5 and len(calls) == 1  # polled ~20 times: nothing new, the policy never ran
+        assert ctl.polls == polls and len(calls) == 1  # no timer polls an inline source: the policy never ran
         t = time.monotonic()
         o = schedule_step(ctl, sched, 2, {"a": 3}, {"a": [1, 2]}, t)
         finish_step(ctl, o, {"a": [1, 2, 3]})
-        deadline = time.monotonic() + 2.0
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(0.05)
-        assert len(calls) == 2  # one step: one evaluation
+        # decided before finish_step returned, on this thread: the next schedule sees it
+        assert len(calls) == 2 and ctl.polls == polls + 1
         st = ctl.stats()
-        assert st["polls"] >= 5 and st["refresh_us_per_step"] > 0  # the refresher's CPU, per step
+        assert st["refresh_us_per_step"] > 0  # the poll's CPU, per step
+        # a new policy file: the background thread reloads it (no step needed), the next step decides with it
+        time.sleep(0.02)  # a later mtime than the first file's
+        policy(tmp_path, k_by_bias=4)
+        deadline = time.monotonic() + 2.0
+        while ctl.source.loads < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ctl.source.loads == 2 and len(calls) == 2 and sched.dynamic_sd_lookup[3] == 2
+        o = schedule_step(ctl, sched, 2, {"a": 1}, {"a": [1, 2]}, time.monotonic())
+        finish_step(ctl, o, {"a": [1, 2, 3]})
+        assert len(calls) == 3 and sched.dynamic_sd_lookup[3] == 4
     finally:
         ctl.close()
 
