@@ -6,11 +6,12 @@ variables reach every vLLM process, the spawned EngineCore included).
 ==================================  ==========================================================
 ``SPEC_CONTROLLER``                 the decision source (below); unset = vLLM decides k
 ``SPEC_CONTROLLER_FALLBACK_K``      the configured static k used when no good decision exists (0)
-``SPEC_CONTROLLER_REFRESH_S``       how often the background thread polls the source (0.02);
-                                  the embedded policy runs only when steps landed or
-                                  the queue moved since the last poll
+``SPEC_CONTROLLER_REFRESH_S``       how often the background thread polls the sidecar (0.02);
+                                  the embedded policy and static tables are polled on
+                                  the engine's thread after each step instead
 ``SPEC_CONTROLLER_MAX_AGE_S``       a table older than this is not used: static fallback (30)
-``SPEC_CONTROLLER_RELOAD_S``        how often a policy file is checked for a new version (2)
+``SPEC_CONTROLLER_RELOAD_S``        how often the background thread checks a policy file for a
+                                  new version (2; a reload never runs on the step path)
 ``SPEC_CONTROLLER_EXPLORE``         fraction of steps on a uniformly random k (0; recording)
 ``SPEC_CONTROLLER_EXPLORE_HOLD``    steps a random k is held once drawn (1); > 1 makes each
                                   random k draft *and* verify at that k, so recorded step

@@ -14,10 +14,11 @@ schedule already sees its decision; the sidecar is polled by a background thread
 ``refresh_s`` (20 ms), and nothing on the step path waits for the network.  The background
 thread also runs the inline sources' slow upkeep (re-reading a changed policy file) every
 ``reload_s``.  The polls' CPU time is counted in :attr:`StepController.refresh_ns` on either
-thread.  Why inline: a poll on another thread still holds the GIL the engine's Python needs
-and adds two thread switches; the embedded policy polled from the timer (20 ms) cost the
-learned controller 1-1.5% of its steps against static k at the same k on the 2-core VM, for
-~50 us of CPU per step.  The embedded policy runs only when ``decide_every`` (4) steps landed
+thread.  Why inline: a poll on another thread still holds the GIL the engine's Python needs,
+runs on cold caches and adds two thread switches; polled from the 20 ms timer, the embedded
+policy took 325 us of CPU per step inside the engine (~50 us warm), and the learned controller
+measured 0.992 [0.985, 0.999] of the best, pooled over four load levels where it ran the best's
+k on 91-100% of its steps (2-core VM, session 30).  The embedded policy runs only when ``decide_every`` (4) steps landed
 or the queue moved since its last decision (evaluated at every 20 ms tick it had run 7 times
 per CPU-engine step at c=16).  (Waking the thread from each step instead cost the step path a
 futex call: the hook went from ~20 to ~65 us.)
@@ -170,6 +171,7 @@ class StepController:
         self.source: DecisionSource | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
         self._orig_lookup = scheduler.dynamic_sd_lookup
         self.controlling = False
         self.calibrate, self.min_gain = cfg.calibrate, cfg.min_gain
@@ -331,7 +333,9 @@ class StepController:
             src.on_step(rec)
         self.hook_ns += _perf_ns() - t0
         if src is not None and src.inline:
-            self._poll(src)  # on this thread: the next schedule sees the decision (counted in refresh_ns)
+            # on this thread: the next schedule sees the decision (counted in refresh_ns); skipped,
+            # never waited for, in the rare step where the background thread polls after a reload
+            self._poll(src, wait=False)
 
     def on_arrival(self, request: Any) -> None:
         n = int(getattr(request, "num_prompt_tokens", 0) or 0)
@@ -369,10 +373,13 @@ class StepController:
                 self.refresh_now()
                 continue
             try:
-                src.background()
+                changed = src.background()
             except Exception as exc:  # noqa: BLE001 -- a failing reload keeps the last good policy
                 self.poll_errors += 1
                 self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
+                continue
+            if changed:  # a new policy: decide now, so an idle engine has its table before the next step
+                self._poll(src)
 
     def refresh_now(self) -> bool:
         """Run the source's upkeep, poll it once and swap in its decision; never raises.  Returns
@@ -387,13 +394,18 @@ class StepController:
             self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
         return self._poll(src)
 
-    def _poll(self, src: DecisionSource) -> bool:
+    def _poll(self, src: DecisionSource, wait: bool = True) -> bool:
+        # one poll at a time: an inline source is polled by the step path and, after a reload, by
+        # the background thread; the step path never waits (its steps stay queued for the next poll)
+        if not self._poll_lock.acquire(blocking=wait):
+            return False
         t0 = _thread_ns()  # CPU time of this thread: wall time would count its waits for the GIL
         try:
             return self._refresh(src)
         finally:
             self.polls += 1
             self.refresh_ns += _thread_ns() - t0
+            self._poll_lock.release()
 
     def _refresh(self, src: DecisionSource) -> bool:
         try:

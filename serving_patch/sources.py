@@ -9,10 +9,12 @@ source's :attr:`~DecisionSource.inline`:
   the engine's own thread polls it right after each step (after the step's record is folded,
   before the next schedule), and the controller's background thread only runs its
   :meth:`~DecisionSource.background` work (the embedded policy's file check and reload) every
-  ``reload_s``.  Polled from the background thread every 20 ms, the same work held the GIL that
-  the engine's Python needs and added two thread switches per poll: on the 2-core VM the learned
-  controller ran 1-1.5% below static k at the same k (c=1, c=4; session 30), for ~50 us of work
-  per step.
+  ``reload_s``, and after a reload polls once itself so that an idle engine has the new
+  policy's table (a lock keeps the two polls apart; the step path skips, never waits).  Polled from the background thread every 20 ms, the same work still held the GIL
+  that the engine's Python needs, ran on cold caches (325 us of CPU per step inside the engine
+  against ~50 us warm) and added two thread switches per poll; on the 2-core VM the learned
+  controller then measured 0.992 [0.985, 0.999] of the best pooled over four load levels where it
+  ran the best's k on 91-100% of its steps (session 30, ``bench/HISTORY.md``).
 - the sidecar is polled by the background thread every ``refresh_s`` (its client thread does
   the HTTP); nothing on the step path waits for the network.
 
@@ -88,9 +90,12 @@ class DecisionSource:
     wants_requests = False  # whether on_request should be fed (finished requests, arrival order)
     inline = False  # polled on the engine's thread after each step (cheap, in-process) rather than by the timer
 
-    def background(self) -> None:
+    def background(self) -> bool:
         """Slow upkeep that must stay off the step path (an inline source's file reload); the
-        controller's background thread calls it every ``reload_s``."""
+        controller's background thread calls it every ``reload_s``.  Returns whether it changed
+        what the next poll decides with (the thread then polls once itself, so an idle engine
+        gets a new policy's table too)."""
+        return False
 
     def poll(self, snapshot: EngineSnapshot) -> Decision | None:
         raise NotImplementedError
@@ -165,24 +170,25 @@ class EmbeddedSource(DecisionSource):
         self.calibration = calibration  # measured overrides of the policy's table (controller.online)
         self._maybe_reload(force=True)
 
-    def _maybe_reload(self, force: bool = False) -> None:
+    def _maybe_reload(self, force: bool = False) -> bool:
+        """Check the file (every ``reload_s``) and load a new version; whether one was loaded."""
         now = self._clock()
         if not force and now < self._next_check:
-            return
+            return False
         self._next_check = now + self.reload_s
         try:
             mtime = self.path.stat().st_mtime
         except OSError as exc:
             self._fail(f"policy file {str(self.path)!r} is not readable ({exc.strerror})")
-            return
+            return False
         if mtime == self._mtime and self.artifact is not None:
-            return
+            return False
         try:
             art = PolicyArtifact.load(self.path)
         except Exception as exc:  # noqa: BLE001 -- any bad file: keep serving on the last good policy
             self._mtime = mtime  # do not re-parse the same bad bytes every check
             self._fail(f"{exc}")
-            return
+            return False
         self._mtime = mtime
         if self.artifact is None or art.feature_spec != self.artifact.feature_spec:
             self.state = FeatureState(art.feature_spec)
@@ -191,6 +197,7 @@ class EmbeddedSource(DecisionSource):
         self.loads += 1
         self.last_error = None
         log.info("spec-controller: loaded policy %s (version %s)", self.path, art.version)
+        return True
 
     def _fail(self, msg: str) -> None:
         self.load_errors += 1
@@ -199,8 +206,9 @@ class EmbeddedSource(DecisionSource):
                         "keeping the last good policy" if self.artifact is not None else "using the fallback")
         self.last_error = msg
 
-    def background(self) -> None:
-        self._maybe_reload()  # a stat() every reload_s; a changed file is parsed here, never on the step path
+    def background(self) -> bool:
+        # a stat() every reload_s; a changed file is parsed here, never on the step path
+        return self._maybe_reload()
 
     def on_step(self, record: dict[str, Any]) -> None:
         self._steps.append(record)

@@ -114,9 +114,10 @@ STEP = {"batch_size": 4, "k": 2, "width": 1, "drafts": 4, "accepted_per_pos": [3
 def test_missing_then_valid_then_corrupt_then_raising_policy(tmp_path, monkeypatch):
     path = tmp_path / "policy.json"
     env = {"SPEC_CONTROLLER": str(path), "SPEC_CONTROLLER_FALLBACK_K": "1", "SPEC_CONTROLLER_RELOAD_S": "0.05",
-           "SPEC_CONTROLLER_REFRESH_S": "30",  # refreshed by hand below: deterministic
            "SPEC_CONTROLLER_DECIDE_EVERY": "1"}
     ctl, sched = make(env)
+    ctl._stop.set()  # no background thread: reloads and polls by hand below (refresh_now), deterministic
+    ctl._thread.join()
     try:
         # missing: the static fallback, counted per step
         assert sched.dynamic_sd_lookup[2] == 1 and ctl.fb_no_decision == 1
@@ -402,16 +403,35 @@ def test_the_embedded_policy_runs_on_the_step_path_after_a_step_and_reloads_in_t
         assert len(calls) == 2 and ctl.polls == polls + 1
         st = ctl.stats()
         assert st["refresh_us_per_step"] > 0  # the poll's CPU, per step
-        # a new policy file: the background thread reloads it (no step needed), the next step decides with it
+        # a new policy file: the background thread reloads it and decides once itself, so an idle
+        # engine (no step) has the new table; the next step's poll is the step path's again
         time.sleep(0.02)  # a later mtime than the first file's
         policy(tmp_path, k_by_bias=4)
         deadline = time.monotonic() + 2.0
-        while ctl.source.loads < 2 and time.monotonic() < deadline:
+        while sched.dynamic_sd_lookup[3] != 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert ctl.source.loads == 2 and len(calls) == 2 and sched.dynamic_sd_lookup[3] == 2
+        assert ctl.source.loads == 2 and len(calls) == 3 and sched.dynamic_sd_lookup[3] == 4
+        o = schedule_step(ctl, sched, 4, {"a": 1}, {"a": [1, 2, 3, 4]}, time.monotonic())
+        finish_step(ctl, o, {"a": [1, 2, 3, 4, 5]})
+        assert len(calls) == 4 and sched.dynamic_sd_lookup[3] == 4
+    finally:
+        ctl.close()
+
+
+def test_the_step_path_never_waits_for_a_poll_in_progress(tmp_path):
+    ctl, sched = make({"SPEC_CONTROLLER": f"embedded:{policy(tmp_path, k_by_bias=2)}",
+                       "SPEC_CONTROLLER_DECIDE_EVERY": "1"})
+    try:
+        polls = ctl.polls
+        with ctl._poll_lock:  # the background thread mid-poll (after a reload)
+            t0 = time.perf_counter()
+            o = schedule_step(ctl, sched, 2, {"a": 3}, {"a": [1, 2]}, time.monotonic())
+            finish_step(ctl, o, {"a": [1, 2, 3]})
+            assert time.perf_counter() - t0 < 0.5 and ctl.polls == polls  # skipped, not waited for
+        assert len(ctl.source._steps) == 1  # the step stays queued
         o = schedule_step(ctl, sched, 2, {"a": 1}, {"a": [1, 2]}, time.monotonic())
         finish_step(ctl, o, {"a": [1, 2, 3]})
-        assert len(calls) == 3 and sched.dynamic_sd_lookup[3] == 4
+        assert ctl.polls == polls + 1 and not ctl.source._steps  # the next step's poll folds both
     finally:
         ctl.close()
 
