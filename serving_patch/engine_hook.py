@@ -18,10 +18,12 @@ thread.  Why inline: a poll on another thread still holds the GIL the engine's P
 runs on cold caches and adds two thread switches; polled from the 20 ms timer, the embedded
 policy took 325 us of CPU per step inside the engine (~50 us warm), and the learned controller
 measured 0.992 [0.985, 0.999] of the best, pooled over four load levels where it ran the best's
-k on 91-100% of its steps (2-core VM, session 30).  The embedded policy runs only when ``decide_every`` (4) steps landed
-or the queue moved since its last decision (evaluated at every 20 ms tick it had run 7 times
-per CPU-engine step at c=16).  (Waking the thread from each step instead cost the step path a
-futex call: the hook went from ~20 to ~65 us.)
+k on 91-100% of its steps (2-core VM, session 30).  After a reload the thread decides once
+itself (an idle engine gets the new table); a lock keeps that poll and the step path's apart,
+and the step path skips rather than waits.  The embedded policy runs only when
+``decide_every`` (4) steps landed or the queue moved since its last decision (evaluated at
+every 20 ms tick it had run 7 times per CPU-engine step at c=16).  (Waking the thread from
+each step instead cost the step path a futex call: the hook went from ~20 to ~65 us.)
 
 Fallbacks, each counted: before the first good decision the configured static k
 (``no_decision``); a poll that raises or returns garbage keeps the last good table

@@ -10,11 +10,12 @@ source's :attr:`~DecisionSource.inline`:
   before the next schedule), and the controller's background thread only runs its
   :meth:`~DecisionSource.background` work (the embedded policy's file check and reload) every
   ``reload_s``, and after a reload polls once itself so that an idle engine has the new
-  policy's table (a lock keeps the two polls apart; the step path skips, never waits).  Polled from the background thread every 20 ms, the same work still held the GIL
-  that the engine's Python needs, ran on cold caches (325 us of CPU per step inside the engine
-  against ~50 us warm) and added two thread switches per poll; on the 2-core VM the learned
-  controller then measured 0.992 [0.985, 0.999] of the best pooled over four load levels where it
-  ran the best's k on 91-100% of its steps (session 30, ``bench/HISTORY.md``).
+  policy's table (a lock keeps the two polls apart; the step path skips, never waits).
+  Polled from the background thread every 20 ms, the same work still held the GIL that the
+  engine's Python needs, ran on cold caches (325 us of CPU per step inside the engine against
+  ~50 us warm) and added two thread switches per poll; on the 2-core VM the learned controller
+  then measured 0.992 [0.985, 0.999] of the best pooled over four load levels where it ran the
+  best's k on 91-100% of its steps (session 30, ``bench/HISTORY.md``).
 - the sidecar is polled by the background thread every ``refresh_s`` (its client thread does
   the HTTP); nothing on the step path waits for the network.
 
