@@ -374,13 +374,7 @@ class StepController:
             if not src.inline:
                 self.refresh_now()
                 continue
-            try:
-                changed = src.background()
-            except Exception as exc:  # noqa: BLE001 -- a failing reload keeps the last good policy
-                self.poll_errors += 1
-                self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
-                continue
-            if changed:  # a new policy: decide now, so an idle engine has its table before the next step
+            if self._upkeep(src):  # a new policy: decide now, so an idle engine has its table before the next step
                 self._poll(src)
 
     def refresh_now(self) -> bool:
@@ -389,12 +383,17 @@ class StepController:
         src = self.source
         if src is None:
             return False
+        self._upkeep(src)
+        return self._poll(src)
+
+    def _upkeep(self, src: DecisionSource) -> bool:
+        """The source's slow upkeep (a policy reload); whether it changed anything.  Never raises."""
         try:
-            src.background()
-        except Exception as exc:  # noqa: BLE001
+            return bool(src.background())
+        except Exception as exc:  # noqa: BLE001 -- a failing reload keeps the last good policy
             self.poll_errors += 1
             self._note(f"{src.name} source raised {type(exc).__name__} in its upkeep: {exc}")
-        return self._poll(src)
+            return False
 
     def _poll(self, src: DecisionSource, wait: bool = True) -> bool:
         # one poll at a time: an inline source is polled by the step path and, after a reload, by
