@@ -107,6 +107,8 @@ from typing import Any
 __all__ = ["Batch1Stream", "OnlineCalibration", "bucket_of"]
 
 _PAIR_GROUP = 4  # steps of the other k whose mean log time one step is paired with (at most)
+_RECENT = 32  # steps of its own a k's recent acceptance remembers
+_ALIGN = 64  # records: a k that ran longer ago than this has no recent acceptance to compare with
 
 
 def bucket_of(b: int, ratio: float = 1.25) -> int:
@@ -347,6 +349,14 @@ class OnlineCalibration:
         # per k and j < k, decayed sums over k's steps of b*d and b*d^2 with d the step's tokens per
         # request accepted at positions j..k-1: what truncating k's steps to j drafts loses
         self.cut = [[[0.0, 0.0] for _ in range(k)] for k in range(nk)]
+        # per k, a short memory of its acceptance (decayed sums b, b*x over its last ~_RECENT steps)
+        # and the record of its last step; per k and j, decayed (at k's steps, like acc) sums of b
+        # and b * (j's recent acceptance) over k's steps where j ran within _ALIGN records: j's
+        # acceptance on the traffic of k's minutes (:meth:`aligned_accept`)
+        self.recent = [[0.0, 0.0, -(10 ** 9), 0] for _ in range(nk)]  # + its own steps so far
+        # xacc[k][j]: + the decayed count of j's steps behind those readings (each counted once,
+        # at most _RECENT per reading) and j's step count at the last reading
+        self.xacc = [[[0.0, 0.0, 0.0, 0] for _ in range(nk)] for _ in range(nk)]
         self._pending: dict | None = None             # the last record: clean or not, the next one tells
         self._explore: list | None = None             # [bucket, k, verifying steps left, steps left]
         self._override: dict[int, int] = {}           # bucket -> k where measurements overrule the policy
@@ -509,6 +519,18 @@ class OnlineCalibration:
         a[1] = a[1] * dec + b
         a[2] = a[2] * dec + b * x
         a[3] = a[3] * dec + b * x * x
+        now, rdec = self.records, 1.0 - 1.0 / _RECENT
+        xk = self.xacc[k]
+        for j in range(1, self.max_k + 1):
+            r = self.recent[j]
+            if j != k and now - r[2] <= _ALIGN and r[0] > 0:
+                xa = xk[j]
+                xa[0] = xa[0] * dec + b
+                xa[1] = xa[1] * dec + b * r[1] / r[0]
+                xa[2] = xa[2] * dec + min(r[3] - xa[3], _RECENT)
+                xa[3] = r[3]
+        r = self.recent[k]
+        r[0], r[1], r[2], r[3] = r[0] * rdec + b, r[1] * rdec + b * x, now, r[3] + 1
         tail = 0.0
         cut = self.cut[k]
         for j in range(k - 1, 0, -1):  # positions j..k-1, longest cut last
@@ -524,6 +546,40 @@ class OnlineCalibration:
             return 0.0
         a = self.acc[k]
         return a[2] / a[1] if a[1] > 0 else None
+
+    def aligned_accept(self, k: int, base: int) -> tuple[float, float, float, float] | None:
+        """Acceptance of k and ``base`` on the same minutes of traffic, with standard errors:
+        ``(a_k, a_base, se_k, se_base)``, or None while the rarer one's steps have not seen the
+        other run nearby for ``min_requests`` decoding requests.
+
+        The rarer of the two (fewer decayed requests: an explored k) is read off its own steps
+        (:meth:`accept`), the other as its recent acceptance (its last ~32 steps) at the times the
+        rarer one ran (``xacc``).  Acceptance pooled over each k's own steps compares traffic of
+        different times: the k the engine runs follows today's requests, one run in rare holds
+        keeps what it saw when it last ran.  Between two load levels of ``bench_engine``
+        (concurrency 1, then 4, session 31) k = 1's pooled acceptance moved from 0.30 to 0.59
+        tokens per request while k = 2's stayed at 0.47-0.49, below k = 1's (impossible on the
+        same tokens); in another run the drift went the other way and the calibration chose k = 2
+        at batch 4, 5% slower than k = 1 end to end.  With off on either side there is nothing to
+        align (off accepts nothing)."""
+        if k == 0 or base == 0:
+            a = self.accept(k or base)
+            if a is None:
+                return None
+            se = self.accept_se(k or base)
+            return (a, 0.0, se, 0.0) if k else (0.0, a, 0.0, se)
+        rare, other = (k, base) if self.acc[k][1] <= self.acc[base][1] else (base, k)
+        xa = self.xacc[rare][other]
+        ar = self.accept(rare)
+        if ar is None or xa[0] < self.min_requests:
+            return None
+        ao = xa[1] / xa[0]
+        # the other's standard error over the steps its readings rest on (xa[2]), not over all its
+        # steps: a hold's readings share one recent stretch, and a few dozen holds see a few
+        # hundred of its steps (with its pooled standard error, 2% gaps were called 15% of the time)
+        sr = self.accept_se(rare)
+        so = self.accept_se(other) * math.sqrt(max(self.acc[other][0] / max(xa[2], 1.0), 1.0))
+        return (ar, ao, sr, so) if rare == k else (ao, ar, so, sr)
 
     def accept_se(self, k: int) -> float:
         """Standard error of :meth:`accept` (requests within a step taken as independent)."""
@@ -622,7 +678,8 @@ class OnlineCalibration:
         step, it decides in hundreds of steps gaps that held acceptance leaves within noise for
         thousands and that the cut one reads with its bias.
 
-        The held one compares each k's own steps.  For a shorter k there is also the *cut* one:
+        The held one compares each k's own steps, their acceptance taken over the same minutes of
+        traffic (:meth:`aligned_accept`).  For a shorter k there is also the *cut* one:
         ``base``'s steps cut to k drafts give k's acceptance on the very same steps, so the
         difference carries none of the acceptance noise between requests and positions (at batch
         1 a step accepts 0..k, and held estimates need thousands of steps to rank k's a few per
@@ -643,10 +700,9 @@ class OnlineCalibration:
             tr = (t0[0] / t[0], math.hypot(t[1], t0[1]))
         else:
             return None, None, None
-        if r0 is not None and self._trusted(k):
-            a = self.accept(k)
-            held = ((1.0 + a) / (1.0 + a0) * tr[0] - 1.0,
-                    math.hypot(tr[1], self.accept_se(k) / (1.0 + a), self.accept_se(base) / (1.0 + a0)))
+        if r0 is not None and self._trusted(k) and (al := self.aligned_accept(k, base)) is not None:
+            a, ab, sk, sb = al
+            held = ((1.0 + a) / (1.0 + ab) * tr[0] - 1.0, math.hypot(tr[1], sk / (1.0 + a), sb / (1.0 + ab)))
         if 0 < k < base and a0 is not None and (loss := self.cut_loss(base, k)) is not None:
             a = a0 - loss[0]
             cut = ((1.0 + a) / (1.0 + a0) * tr[0] - 1.0, math.hypot(tr[1], loss[1] / (1.0 + a)))

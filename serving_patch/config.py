@@ -30,6 +30,10 @@ variables reach every vLLM process, the spawned EngineCore included).
 ``SPEC_CONTROLLER_MIN_GAIN``        the gain over off (measured in the same batch-size bucket)
                                   the calibration needs before it keeps or starts
                                   speculating there (0.03; 0 = any gain beyond noise)
+``SPEC_CONTROLLER_SPECULATE_OVER_OFF``  0 (default): where the policy says off, off stands; 1: the
+                                  calibration may replace the policy's off with a k > 0 that
+                                  clears the min gain on clean steps (which do not see what
+                                  speculating costs a closed loop end to end: controller.online)
 ``SPEC_CONTROLLER_DECIDE_EVERY``    steps between the embedded policy's decisions (4); a queue
                                   change, or the calibration ending an exploration hold,
                                   decides at once.  1 = at every step (the refresher's CPU
@@ -130,6 +134,7 @@ class PluginConfig:
     catchup_max_tokens: int = 0
     calibrate: bool = True
     min_gain: float = 0.03
+    speculate_over_off: bool = False
     decide_every: int = 4
     seed: int = 0
     engine_id: str = ""
@@ -193,6 +198,7 @@ class PluginConfig:
             catchup_max_tokens=_int(env, "SPEC_CONTROLLER_CATCHUP_MAX_TOKENS", 0, 0),
             calibrate=_bool(env, "SPEC_CONTROLLER_CALIBRATE", True),
             min_gain=_float(env, "SPEC_CONTROLLER_MIN_GAIN", 0.03, 0.0, 0.5),
+            speculate_over_off=_bool(env, "SPEC_CONTROLLER_SPECULATE_OVER_OFF", False),
             decide_every=_int(env, "SPEC_CONTROLLER_DECIDE_EVERY", 4, 1),
             seed=_int(env, "SPEC_CONTROLLER_SEED", 0, 0),
             engine_id=env.get("SPEC_CONTROLLER_ENGINE_ID", "") or f"engine-{os.getpid()}",

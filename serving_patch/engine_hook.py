@@ -176,7 +176,7 @@ class StepController:
         self._poll_lock = threading.Lock()
         self._orig_lookup = scheduler.dynamic_sd_lookup
         self.controlling = False
-        self.calibrate, self.min_gain = cfg.calibrate, cfg.min_gain
+        self.calibrate, self.min_gain, self.speculate_over_off = cfg.calibrate, cfg.min_gain, cfg.speculate_over_off
         self._calibrations: dict[str, Any] = {}  # policy path -> its OnlineCalibration (kept across set_source)
 
         if cfg.controls_k:
@@ -539,7 +539,7 @@ class StepController:
             # the batch-1 stream needs a drafter whose proposal for a position depends only on
             # the tokens before it; ngram's can depend on where its step started (a later match)
             cal = OnlineCalibration(self.max_k, self.max_num_seqs, stream=self.method not in ("ngram", "suffix"),
-                                    min_gain=self.min_gain)
+                                    min_gain=self.min_gain, speculate_over_off=self.speculate_over_off)
             self._calibrations[arg] = cal
         else:
             cal.resume()

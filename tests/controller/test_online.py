@@ -442,8 +442,9 @@ class DriftingEngine(LaggedEngine):
         self.speed, self.i = speed, 0
 
     def step(self, b, k, prefill=0):
+        f = self.speed(self.i)  # before the step's own draws (WanderingEngine's speed draws too)
         rec = super().step(b, k, prefill)
-        rec["step_ms"] *= self.speed(self.i)
+        rec["step_ms"] *= f
         self.i += 1
         return rec
 
@@ -503,19 +504,17 @@ def test_speculation_must_beat_off_by_min_gain(gain, prior, want):
         OnlineCalibration(max_k=2, max_num_seqs=8, min_gain=1.5)
 
 
-class WanderingEngine(LaggedEngine):
+class WanderingEngine(DriftingEngine):
     """A VM whose speed wanders: log step time follows an AR(1), ``sd`` wide with a memory of
     ``tau`` steps (the bench_engine VM: several per cent over ~10 s), on top of each step's noise."""
 
     def __init__(self, *args, sd=0.08, tau=200, **kw):
-        super().__init__(*args, **kw)
         self.x, self.rho, self.sd = 0.0, math.exp(-1 / tau), sd
+        super().__init__(*args, speed=self._wander, **kw)
 
-    def step(self, b, k, prefill=0):
+    def _wander(self, i):
         self.x = self.rho * self.x + math.sqrt(1 - self.rho ** 2) * self.sd * self.rng.gauss(0, 1)
-        rec = super().step(b, k, prefill)
-        rec["step_ms"] *= math.exp(self.x)
-        return rec
+        return math.exp(self.x)
 
 
 def test_speculation_gives_way_to_off_only_where_shown_short_of_min_gain():
@@ -545,3 +544,24 @@ def test_undecided_against_off_the_policys_side_stands():
             _, ks = run(cal, eng, (0,) + (prior,) * 32, 3000, batch=lambda i: 16)
             late = ks[1000:]
             assert late.count(want) / len(late) > 0.9, (prior, seed, [late.count(k) for k in range(3)])
+
+
+def test_acceptance_is_compared_over_the_same_traffic():
+    # bench_engine, concurrency 1 then 4 (session 31): k = 1 ran for minutes on hard traffic, then
+    # the traffic got easier; k = 2's holds saw only the easy part, k = 1's pooled acceptance still
+    # the hard one, and the calibration chose k = 2 at batch 4, 5% slower end to end.  Here k = 1
+    # is 4% faster than k = 2 at batch 4 once alpha is 0.7; pooled acceptance sent two seeds of six
+    # to k = 2 for most of the phase, acceptance aligned in time (aligned_accept) sends none
+    verify = lambda b, k: {0: 30.0, 1: 36.0, 2: 48.2}[k]  # noqa: E731
+    for seed in range(6):
+        eng = LaggedEngine(verify, lambda b, k: 0.0, alpha=0.3, noise=0.05, seed=seed)
+        cal = OnlineCalibration(max_k=2, max_num_seqs=16)
+        prior = (0,) + (1,) * 16
+        run(cal, eng, prior, 3000, batch=lambda i: 8)  # hard traffic at batch 8
+        eng.alpha = 0.7
+        table, ks = run(cal, eng, prior, 1500, batch=lambda i: 4)  # easy traffic at batch 4
+        assert table[4] == 1 and ks.count(2) / len(ks) < 0.15, (seed, [ks.count(k) for k in range(3)])
+        # over k = 2's times (its holds in both phases, weighted alike) k = 1 accepted less than
+        # k = 2, as on the same tokens it must
+        a2, a1, _, _ = cal.aligned_accept(2, 1)
+        assert a2 > a1 and cal.aligned_accept(1, 2)[:2] == (a1, a2)

@@ -47,6 +47,7 @@ def test_recorder_alone_enables_the_hook():
     ({"SPEC_CONTROLLER_DECIDE_EVERY": "0"}, "SPEC_CONTROLLER_DECIDE_EVERY must be >= 1"),
     ({"SPEC_CONTROLLER_MIN_GAIN": "0.8"}, "SPEC_CONTROLLER_MIN_GAIN must be in [0, 0.5]"),
     ({"SPEC_CONTROLLER_MIN_GAIN": "3%"}, "SPEC_CONTROLLER_MIN_GAIN must be a number"),
+    ({"SPEC_CONTROLLER_SPECULATE_OVER_OFF": "sometimes"}, "SPEC_CONTROLLER_SPECULATE_OVER_OFF must be 1 or 0"),
 ])
 def test_bad_settings_name_the_variable(env, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -60,6 +61,8 @@ def test_lazy_drafter_setting(raw, on):
     assert cfg.lazy_drafter is on and cfg.catchup_max_tokens == 256
     assert cfg.decide_every == 4 and PluginConfig.from_env({"SPEC_CONTROLLER_DECIDE_EVERY": "1"}).decide_every == 1
     assert cfg.min_gain == 0.03 and PluginConfig.from_env({"SPEC_CONTROLLER_MIN_GAIN": "0"}).min_gain == 0.0
+    assert cfg.speculate_over_off is False
+    assert PluginConfig.from_env({"SPEC_CONTROLLER_SPECULATE_OVER_OFF": "1"}).speculate_over_off is True
 
 
 def test_table_parsing_and_dense_form():

@@ -84,7 +84,11 @@ def test_recorder_trace_validates_and_agrees_with_vllm_metrics(controlled, promp
     from envs.trace import load_trace, validate_files
 
     method, schedule, llm, ctl, trace = controlled
-    generate(llm, prompts[:8])  # traffic of its own, whatever ran before
+    # traffic of its own, whatever ran before: three batches of 8 (~40 decode steps), so that the
+    # random schedule's uniform k per step shows >= 4 distinct k when this test runs alone too
+    # (one batch of 8 gave ~12 steps and k in {0, 1, 4} only)
+    for i in range(3):
+        generate(llm, prompts[8 * i:8 * i + 8])
     ctl.recorder.close()
     assert validate_files([trace]) == {trace: []}
     tr = load_trace(trace)

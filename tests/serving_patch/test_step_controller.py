@@ -480,9 +480,12 @@ def test_calibration_is_on_by_default_and_only_for_the_embedded_policy(tmp_path)
     path = str(policy(tmp_path, k_by_bias=3))
     ctl, _ = make({"SPEC_CONTROLLER": path})
     assert ctl.source.calibration is not None and ctl.source.calibration.min_gain == 0.03
+    assert ctl.source.calibration.speculate_over_off is False  # the policy's off stands by default
     ctl.close()
-    ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_MIN_GAIN": "0.1"})
+    ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_MIN_GAIN": "0.1",
+                   "SPEC_CONTROLLER_SPECULATE_OVER_OFF": "1"})
     assert ctl.source.calibration.min_gain == 0.1  # the operator's bar for speculating over off
+    assert ctl.source.calibration.speculate_over_off is True
     ctl.close()
     ctl, _ = make({"SPEC_CONTROLLER": path, "SPEC_CONTROLLER_CALIBRATE": "0"})
     assert ctl.source.calibration is None and ctl.choose(4) == 3
