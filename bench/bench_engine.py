@@ -402,7 +402,9 @@ def report(method: str, levels: list[Level], res: dict, margin: float = 0.02) ->
     if cal:
         last = cal[max(cal, key=lambda c: cal[c]["records"])]
         print("learned's calibration (measured overrides of the policy's k, batch size: k, after its last run at "
-              "each level): " + "; ".join(f"{c} {cal[c]['overrides'] or 'none'}" for c in levels if c in cal)
+              "each level; capped: the policy's k capped above a shortened one): "
+              + "; ".join(f"{c} {cal[c]['overrides'] or 'none'}"
+                          + (f" capped {cal[c]['capped']}" if cal[c].get("capped") else "") for c in levels if c in cal)
               + f"; exploration holds {last['explorations']}, {100 * last['explore_steps'] / max(last['records'], 1):.1f}%"
               f" of its {last['records']} steps")
         b1 = last.get("batch1_stream")

@@ -21,7 +21,12 @@ with one slope per bucket, so that k's run at different mixes of the bucket's si
 compared at the same batch size (``b / T`` grows with b: raw means would favour whichever k
 happened to run at the larger sizes).  Acceptance
 ``a(k)`` (mean accepted tokens per decoding request and step) is pooled over batch sizes, with
-exponential forgetting, and comes only from steps that *ran* k.  Reading a shorter k's
+exponential forgetting, and comes only from steps that *ran* k.  Two k's acceptances are
+compared over the same minutes of traffic (:meth:`OnlineCalibration.aligned_accept`): the rarer
+k's own steps against the other's recent acceptance (its last ~32 steps) at the times the rarer
+one ran; pooled, an explored k keeps what it saw when it last ran while the k the engine runs
+follows today's requests (between two load levels of ``bench_engine``, session 31, that put
+k = 2 ahead of k = 1 at batch 4 where it was 5% slower end to end).  Reading a shorter k's
 acceptance off a longer k's steps (the first j entries of ``accepted_per_pos``) looks exact for
 a draft model, which proposes the same first j tokens whatever k, but it is biased: acceptance
 comes in easy and hard stretches and a long k walks through the easy ones faster, so its steps
@@ -90,8 +95,9 @@ from the policy's k to the k that beats it most, then on while another beats tha
 acceptance counts only once it rests on ``min_requests`` decoding requests (a few dozen batch-1
 steps understate their own standard error).
 
-All of it runs on the controller's background thread (tens of microseconds per step); the step
-path still only indexes the table.
+All of it runs when the embedded source is polled, on the engine's thread right after each step
+(tens of microseconds per step; ``serving_patch.sources.EmbeddedSource``); the step's own path
+still only indexes the table.
 
     >>> cal = OnlineCalibration(max_k=2, max_num_seqs=4, min_seen=2, min_steps=2, explore_every=1, hold=2)
     >>> cal.table((0, 2, 2, 2, 2))   # nothing measured yet: the policy's table
@@ -360,6 +366,7 @@ class OnlineCalibration:
         self._pending: dict | None = None             # the last record: clean or not, the next one tells
         self._explore: list | None = None             # [bucket, k, verifying steps left, steps left]
         self._override: dict[int, int] = {}           # bucket -> k where measurements overrule the policy
+        self._capped: set[int] = set()                # buckets of _override only capped by a smaller one (table())
         self._prior: tuple[int, ...] = ()
         self._dirty = True
         self.urgent = False                           # an exploration hold ended: decide now (a source's cue)
@@ -852,7 +859,16 @@ class OnlineCalibration:
         return min(prior[b], self.max_k)
 
     def table(self, prior) -> tuple[int, ...]:
-        """The policy's k per batch size (``prior[b]``) with the measured overrides and any exploration."""
+        """The policy's k per batch size (``prior[b]``) with the measured overrides and any exploration.
+
+        Where the calibration shortens the policy's k in a bucket, the policy's k at every larger
+        batch size is capped there too until that bucket's own measurements say otherwise: at a
+        given acceptance a longer k costs more at a larger batch (more tokens to verify) and gains
+        the same per request, so a k too long at batch b is too long above it.  The buckets a
+        load level only passes through need it most: at concurrency 4 each run ended with ~4
+        steps at batch 2-3 where the policy said k = 2 (high acceptance), too few for that
+        bucket's own comparison, while batch 1 had measured k = 1 over the policy's k = 3 and
+        batch 4 ran k = 1 (learned 0.984 [0.976, 0.991] of static k = 1, session 31)."""
         prior = tuple(prior)
         self.urgent = False
         if self._dirty or prior != self._prior:
@@ -866,17 +882,28 @@ class OnlineCalibration:
                 self._full_at = self.records
             touched, self._touched = self._touched, set()
             ov, decided = self._override, self._decided
+            # a k shortened in a bucket (measured there, below the policy's k) caps the policy's k
+            # at every larger batch size where nothing was measured against it (docstring)
+            cap = self.max_k
             for g in range(1, top):
-                p = self._prior_of(g, prior)
-                if not full and g not in touched and decided.get(g) == p:
-                    continue
-                decided[g] = p
-                if self.seen[g] >= self.min_seen or any(self.cn[g]):
-                    k = self.choose(g, p)
-                    if k != p:
+                p0 = self._prior_of(g, prior)
+                p = min(p0, cap)
+                if full or g in touched or decided.get(g) != p:
+                    decided[g] = p
+                    k = p
+                    if self.seen[g] >= self.min_seen or any(self.cn[g]):
+                        k = self.choose(g, p)
+                    if k != p0:
                         ov[g] = k
-                        continue
-                ov.pop(g, None)
+                    else:
+                        ov.pop(g, None)
+                    if k == p < p0:
+                        self._capped.add(g)
+                    else:
+                        self._capped.discard(g)
+                k = ov.get(g, p0)
+                if k < p0:
+                    cap = min(cap, k)
             if self._explore is None:
                 self._start_exploring(prior, top, None if full else touched)
         if not self._override and self._explore is None:
@@ -915,7 +942,8 @@ class OnlineCalibration:
                 return
 
     def stats(self) -> dict[str, Any]:
-        """Counters, the overrides (by batch size), acceptance per k and the measured rates per bucket
+        """Counters, the overrides (by batch size; ``capped``: the policy's k capped by a shorter k
+        measured at a smaller batch size, :meth:`table`), acceptance per k and the measured rates per bucket
         (keyed by the bucket's batch-size range, e.g. ``"30-37"``)."""
         measured = {}
         for g in range(1, self.nbuckets):
@@ -926,7 +954,10 @@ class OnlineCalibration:
                 measured[str(mem[0]) if len(mem) == 1 else f"{mem[0]}-{mem[-1]}"] = row
         return {"records": self.records, "clean_steps": self.clean, "explorations": self.explorations,
                 "explore_steps": self.explore_steps,
-                "overrides": {b: k for g, k in sorted(self._override.items()) for b in self.members[g]},
+                "overrides": {b: k for g, k in sorted(self._override.items()) if g not in self._capped
+                              for b in self.members[g]},
+                "capped": {b: k for g, k in sorted(self._override.items()) if g in self._capped
+                           for b in self.members[g]},
                 "accept": [None if (a := self.accept(k)) is None else round(a, 4) for k in range(self.max_k + 1)],
                 "accept_se": [round(se, 4) if math.isfinite(se := self.accept_se(k)) else None
                               for k in range(self.max_k + 1)],
