@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import bench_engine as be  # noqa: E402  (also hides broken add-ons, as bench_engine does)
+from diag_closed_loop import learned_engine  # noqa: E402
 
 KEYS = ("overrides", "capped", "accept", "rates", "explorations")
 
@@ -30,19 +31,7 @@ def main() -> int:
     out = Path(os.environ.get("OUT", "/tmp/diag-c4"))
     out.mkdir(parents=True, exist_ok=True)
     be.MIN_REQUESTS, be.PER_C = 2, 1  # as bench_engine --min-requests 2 --per-concurrency 1
-    be.engine_defaults()
-    from serving_patch import controllers
-    from serving_patch.load import corpus_token_ids
-    from serving_patch.models import build_tiny_models
-
-    pair = build_tiny_models(log_fn=print)
-    prompts = be.closed_loop_prompts(corpus_token_ids(str(pair.target / "tokenizer.json")))
-    policy = be.find_policy(None, "draft_model", out)
-    llm = be.make_llm(pair.target, pair.draft, be.EngineSpec(method="draft_model", max_k=be.MAX_K, max_num_seqs=32),
-                      controller="static:0", log_stats=False, enable_prefix_caching=False)
-    ctl = controllers()[-1]
-    ctl.set_calibrate(True)
-    be.run_level(llm, be.WARM, prompts, 8, 0)
+    llm, ctl, prompts, policy = learned_engine(out)
     learned = f"embedded:{policy}"
 
     def calibration(st: dict) -> str:  # a learned run's stats (the calibration is kept across set_source)

@@ -43,10 +43,9 @@ def where_time_went(path: Path, c: int) -> str:
             f"drain {len(drain)} steps {secs(drain):.2f} s; clean decode at b={c} (k: n, median ms) {med}")
 
 
-def main() -> int:
-    c, rounds = int(os.environ.get("C", "16")), int(os.environ.get("ROUNDS", "2"))
-    out = Path(os.environ.get("OUT", "/tmp/diag-closed-loop"))
-    out.mkdir(parents=True, exist_ok=True)
+def learned_engine(out: Path):
+    """The diagnostics' engine: ``(llm, its StepController, closed-loop prompts, policy path)`` for
+    ``draft_model`` on the tiny pair, calibration on, warmed up; the policy trained under ``out``."""
     be.engine_defaults()
     from serving_patch import controllers
     from serving_patch.load import corpus_token_ids
@@ -60,6 +59,14 @@ def main() -> int:
     ctl = controllers()[-1]
     ctl.set_calibrate(True)
     be.run_level(llm, be.WARM, prompts, 8, 0)
+    return llm, ctl, prompts, policy
+
+
+def main() -> int:
+    c, rounds = int(os.environ.get("C", "16")), int(os.environ.get("ROUNDS", "2"))
+    out = Path(os.environ.get("OUT", "/tmp/diag-closed-loop"))
+    out.mkdir(parents=True, exist_ok=True)
+    llm, ctl, prompts, policy = learned_engine(out)
     configs = [("off", "static:0"), ("k1", "static:1"), ("k2", "static:2"), ("learned", f"embedded:{policy}")]
     runs: dict[str, list[Path]] = {}
     for r in range(rounds):
