@@ -75,13 +75,16 @@ to end.  At concurrency 16 on the AMD VM (session 29) clean steps put k = 1 more
 ahead of off, the calibration ran k = 1 and 2 on every step where the policy said off, and the
 engine lost 7% to off end to end; nor are holds of k > 0 explored there.  With
 ``speculate_over_off=True`` a k > 0 replaces the policy's off once it clears ``min_gain``.
+A k longer than the policy's has to clear ``min_gain`` too above batch 1 (``_bar``; a shorter
+one only ``margin``): at concurrency 4 the calibration moved batch 2-5 from the policy's k = 1 to
+k = 2 on clean steps a few per cent apart, where static k = 2 ran 5% slower end to end.
 Clean steps do not show what speculation costs a closed loop on top: at concurrency 16 here k = 1
 tied off step for step but lost 8% end to end, its requests drifting out of step (prefills next
 to decodes, a drain at the end of each wave) where off kept them in lockstep.
 
 Exploration: in a bucket seen at least ``min_seen`` times, the k's next to the current choice
 are run in holds of ``hold`` steps, at most once every ``explore_every`` steps there, until each
-has ``min_steps`` clean steps; measured k's still within noise of the choice are run again, up to
+has ``min_steps`` clean steps and its acceptance rests on ``min_requests`` decoding requests; measured k's still within noise of the choice are run again, up to
 ``max_steps`` clean steps, at that pace while they measure faster and only every
 ``refine_every`` steps while they measure slower (running a slightly slower k a third of the
 time costs more than the decision it would buy), and only while ``max_steps`` could decide the
@@ -325,7 +328,8 @@ class OnlineCalibration:
             raise ValueError(f"min_requests must be >= 1 (decoding requests before an acceptance counts), "
                              f"got {min_requests}")
         if not 0 <= min_gain < 1:
-            raise ValueError(f"min_gain must be in [0, 1) (the gain over off that speculation must show), "
+            raise ValueError(f"min_gain must be in [0, 1) (the gain speculation must show over off, and a k "
+                             f"longer than the policy's over it), "
                              f"got {min_gain}")
         if stream_chunks < 2 or min_context < 1 or pair_window < 1:
             raise ValueError(f"need stream_chunks >= 2, min_context >= 1 and pair_window >= 1 (batch-1 stream), "
