@@ -730,7 +730,7 @@ class OnlineCalibration:
         up, does): refining a k that cannot is spending steps on a decision already made."""
         return gain + self.z * se > (self.margin if bar is None else bar)
 
-    def _bar(self, k: int, base: int, g: int = 1, prior_k: int | None = None) -> float:
+    def _bar(self, k: int, base: int, g: int, prior_k: int) -> float:
         """The gain k must show over ``base`` to replace it: ``min_gain`` for speculating where
         ``base`` is off, and for a k longer than the policy's (``prior_k``) above batch 1; else
         ``margin``.
@@ -745,7 +745,7 @@ class OnlineCalibration:
         to fall out of step with, and its stream estimate reads the whole step."""
         if base == 0 and k > 0:
             return self.min_gain
-        if g > 1 and prior_k is not None and k > prior_k:
+        if g > 1 and k > prior_k:
             return self.min_gain
         return self.margin
 
@@ -815,7 +815,7 @@ class OnlineCalibration:
             return 0
         return cur
 
-    def _to_explore(self, g: int, cur: int, prior_k: int | None = None) -> int | None:
+    def _to_explore(self, g: int, cur: int, prior_k: int) -> int | None:
         """The k to explore next in bucket g (fewest clean steps first), or None.
 
         Untried neighbours of the current k, and measured k's within noise of it that measure
@@ -951,10 +951,10 @@ class OnlineCalibration:
         cands = [g for g in (range(1, top) if only is None else only)
                  if g < top and self.seen[g] >= self.min_seen and self.since[g] >= self.explore_every]
         for g in sorted(cands, key=lambda g: -self.seen[g]):
-            cur = self._override.get(g, self._prior_of(g, prior))
-            if not self.speculate_over_off and self._prior_of(g, prior) == 0:
+            p0 = self._prior_of(g, prior)
+            if not self.speculate_over_off and p0 == 0:
                 continue  # the policy's off stands there: nothing to decide
-            k = self._to_explore(g, cur, self._prior_of(g, prior))
+            k = self._to_explore(g, self._override.get(g, p0), p0)
             if k is not None:
                 # hold + 1 verifying steps: the first verifies the previous k, the last drafts the next one
                 self._explore = [g, k, self.hold, 4 * self.hold]
